@@ -1,0 +1,1 @@
+"""session_service: live sessions, their running turn and the event log clients resume from."""

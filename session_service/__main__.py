@@ -1,0 +1,3 @@
+from session_service.server import main
+
+main()

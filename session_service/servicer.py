@@ -1,0 +1,112 @@
+"""SessionServicer: duplex.session.v1.SessionService over a SessionStore, translating protos <-> store."""
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from duplex.common.errors import InvalidArgument
+from duplex.session.v1 import session_pb2, session_pb2_grpc
+from session_service.store import LogEntry, SessionInfo, SessionStore
+
+
+def _require(**fields: str) -> None:
+    for name, value in fields.items():
+        if not value:
+            raise InvalidArgument(f"{name} is required")
+
+
+def _timestamp(epoch_seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(epoch_seconds * 1e9))
+    return stamp
+
+
+def _session_to_proto(info: SessionInfo) -> session_pb2.Session:
+    return session_pb2.Session(
+        session_id=info.session_id,
+        user_id=info.user_id,
+        conversation_id=info.conversation_id,
+        model=info.model,
+        system_prompt=info.system_prompt,
+        created_at=_timestamp(info.created_at),
+        expires_at=_timestamp(info.expires_at),
+        last_seq=info.last_seq,
+        active_turn_id=info.active_turn_id,
+    )
+
+
+def _entry_from_proto(event: session_pb2.LogEvent) -> LogEntry:
+    return LogEntry(seq=event.seq, turn_id=event.turn_id, payload=event.payload, terminal=event.terminal)
+
+
+def _entry_to_proto(entry: LogEntry) -> session_pb2.LogEvent:
+    return session_pb2.LogEvent(seq=entry.seq, turn_id=entry.turn_id, payload=entry.payload, terminal=entry.terminal)
+
+
+class SessionServicer(session_pb2_grpc.SessionServiceServicer):
+    """Validates requests and maps them onto the store; the store's domain errors become statuses in
+    duplex.common.errors.ErrorInterceptor."""
+
+    def __init__(self, store: SessionStore) -> None:
+        self._store = store
+
+    async def OpenSession(
+        self, request: session_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.OpenSessionResponse:
+        _require(user_id=request.user_id)
+        info, resumed = await self._store.open_session(
+            request.user_id,
+            request.session_id,
+            conversation_id=request.conversation_id,
+            model=request.model,
+            system_prompt=request.system_prompt,
+        )
+        return session_pb2.OpenSessionResponse(session=_session_to_proto(info), resumed=resumed)
+
+    async def GetSession(
+        self, request: session_pb2.GetSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.GetSessionResponse:
+        _require(user_id=request.user_id, session_id=request.session_id)
+        info = await self._store.get_session(request.user_id, request.session_id)
+        return session_pb2.GetSessionResponse(session=_session_to_proto(info))
+
+    async def CloseSession(
+        self, request: session_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.CloseSessionResponse:
+        _require(user_id=request.user_id, session_id=request.session_id)
+        await self._store.close_session(request.user_id, request.session_id)
+        return session_pb2.CloseSessionResponse()
+
+    async def BeginTurn(
+        self, request: session_pb2.BeginTurnRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.BeginTurnResponse:
+        _require(user_id=request.user_id, session_id=request.session_id, turn_id=request.turn_id)
+        last_seq = await self._store.begin_turn(request.user_id, request.session_id, request.turn_id)
+        return session_pb2.BeginTurnResponse(last_seq=last_seq)
+
+    async def EndTurn(
+        self, request: session_pb2.EndTurnRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.EndTurnResponse:
+        _require(session_id=request.session_id, turn_id=request.turn_id)
+        await self._store.end_turn(request.session_id, request.turn_id)
+        return session_pb2.EndTurnResponse()
+
+    async def AppendEvents(
+        self, request: session_pb2.AppendEventsRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.AppendEventsResponse:
+        _require(session_id=request.session_id)
+        events = [_entry_from_proto(event) for event in request.events]
+        last_seq = await self._store.append_events(request.session_id, events)
+        return session_pb2.AppendEventsResponse(last_seq=last_seq)
+
+    async def ReadEvents(
+        self, request: session_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[session_pb2.ReadEventsResponse]:
+        _require(user_id=request.user_id, session_id=request.session_id)
+        batches = self._store.read_events(request.user_id, request.session_id, request.after_seq, follow=request.follow)
+        # aclosing: when the client goes away, the store's reader is closed now, not whenever GC runs.
+        async with contextlib.aclosing(batches):
+            async for batch in batches:
+                yield session_pb2.ReadEventsResponse(events=[_entry_to_proto(entry) for entry in batch])

@@ -1,0 +1,428 @@
+"""SessionService's rules, exercised through the real server and a real grpc.aio channel."""
+
+import asyncio
+
+import grpc
+import pytest
+
+from duplex.session.v1 import session_pb2
+
+OWNER = "alice"
+STRANGER = "mallory"
+CALL_TIMEOUT = 5.0
+STREAM_TIMEOUT = 3.0
+
+
+# -- helpers
+
+
+def log_event(seq: int, turn_id: str = "t1", *, terminal: bool = False) -> session_pb2.LogEvent:
+    # Non-UTF-8 bytes on purpose: the payload must travel as opaque bytes.
+    return session_pb2.LogEvent(seq=seq, turn_id=turn_id, payload=b"\x00\xff" + str(seq).encode(), terminal=terminal)
+
+
+async def open_session(stub, user_id: str = OWNER, **fields) -> session_pb2.Session:
+    reply = await stub.OpenSession(session_pb2.OpenSessionRequest(user_id=user_id, **fields), timeout=CALL_TIMEOUT)
+    return reply.session
+
+
+async def append(stub, session_id: str, seqs, turn_id: str = "t1") -> int:
+    request = session_pb2.AppendEventsRequest(session_id=session_id, events=[log_event(s, turn_id) for s in seqs])
+    return (await stub.AppendEvents(request, timeout=CALL_TIMEOUT)).last_seq
+
+
+async def begin_turn(stub, session_id: str, turn_id: str = "t1", user_id: str = OWNER) -> int:
+    request = session_pb2.BeginTurnRequest(user_id=user_id, session_id=session_id, turn_id=turn_id)
+    return (await stub.BeginTurn(request, timeout=CALL_TIMEOUT)).last_seq
+
+
+async def end_turn(stub, session_id: str, turn_id: str = "t1") -> None:
+    await stub.EndTurn(session_pb2.EndTurnRequest(session_id=session_id, turn_id=turn_id), timeout=CALL_TIMEOUT)
+
+
+async def get_session(stub, session_id: str, user_id: str = OWNER) -> session_pb2.Session:
+    request = session_pb2.GetSessionRequest(user_id=user_id, session_id=session_id)
+    return (await stub.GetSession(request, timeout=CALL_TIMEOUT)).session
+
+
+def read_request(session_id: str, after_seq: int = 0, *, follow: bool = False, user_id: str = OWNER):
+    return session_pb2.ReadEventsRequest(user_id=user_id, session_id=session_id, after_seq=after_seq, follow=follow)
+
+
+async def read_batches(stub, request, timeout: float = STREAM_TIMEOUT) -> list[list[session_pb2.LogEvent]]:
+    """The whole stream as batches; fails (rather than hangs) if the stream does not end in time."""
+
+    async def collect():
+        return [list(reply.events) async for reply in stub.ReadEvents(request)]
+
+    return await asyncio.wait_for(collect(), timeout)
+
+
+async def read_seqs(stub, request, timeout: float = STREAM_TIMEOUT) -> list[int]:
+    return [event.seq for batch in await read_batches(stub, request, timeout) for event in batch]
+
+
+async def expect_status(code: grpc.StatusCode, call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    return caught.value
+
+
+class Follower:
+    """A ReadEvents(follow=True) stream consumed in the background, seqs published as they arrive."""
+
+    def __init__(self, stub, request):
+        self.seqs: list[int] = []
+        self._arrived = asyncio.Condition()
+        self.task = asyncio.create_task(self._run(stub, request))
+
+    async def _run(self, stub, request) -> None:
+        async for reply in stub.ReadEvents(request):
+            async with self._arrived:
+                self.seqs.extend(event.seq for event in reply.events)
+                self._arrived.notify_all()
+
+    async def wait_for_seq(self, seq: int, timeout: float = STREAM_TIMEOUT) -> None:
+        async def arrived():
+            async with self._arrived:
+                await self._arrived.wait_for(lambda: seq in self.seqs or self.task.done())
+
+        await asyncio.wait_for(arrived(), timeout)
+        assert seq in self.seqs, f"stream ended before seq {seq}: got {self.seqs}"
+
+    async def wait_until_ended(self, timeout: float = STREAM_TIMEOUT) -> list[int]:
+        await asyncio.wait_for(asyncio.shield(self.task), timeout)
+        return self.seqs
+
+    async def assert_still_open(self) -> None:
+        await asyncio.sleep(0.05)
+        assert not self.task.done(), f"follower ended early with {self.seqs}"
+
+    def cancel(self) -> None:
+        self.task.cancel()
+
+
+@pytest.fixture
+async def followers():
+    started: list[Follower] = []
+
+    def follow(stub, request) -> Follower:
+        follower = Follower(stub, request)
+        started.append(follower)
+        return follower
+
+    yield follow
+    for follower in started:
+        follower.cancel()
+    await asyncio.gather(*(f.task for f in started), return_exceptions=True)
+
+
+# -- OpenSession / GetSession / CloseSession
+
+
+async def test_open_creates_a_new_session(stub):
+    reply = await stub.OpenSession(
+        session_pb2.OpenSessionRequest(user_id=OWNER, conversation_id="c1", model="m1", system_prompt="be brief"),
+        timeout=CALL_TIMEOUT,
+    )
+    session = reply.session
+    assert reply.resumed is False
+    assert len(session.session_id) == 32 and int(session.session_id, 16) >= 0
+    assert (session.user_id, session.conversation_id, session.model, session.system_prompt) == (
+        OWNER,
+        "c1",
+        "m1",
+        "be brief",
+    )
+    assert session.last_seq == 0 and session.active_turn_id == ""
+    assert session.created_at.seconds > 0
+    ttl = session.expires_at.ToNanoseconds() - session.created_at.ToNanoseconds()
+    assert ttl == pytest.approx(60e9, abs=1e9)
+
+
+async def test_each_open_without_session_id_creates_a_distinct_session(stub):
+    first, second = await open_session(stub), await open_session(stub)
+    assert first.session_id != second.session_id
+
+
+async def test_open_requires_user_id(stub):
+    error = await expect_status(grpc.StatusCode.INVALID_ARGUMENT, stub.OpenSession(session_pb2.OpenSessionRequest()))
+    assert "user_id" in error.details()
+
+
+async def test_reopen_resumes_and_applies_non_empty_settings(stub):
+    created = await open_session(stub, conversation_id="c1", model="m1", system_prompt="p1")
+    await begin_turn(stub, created.session_id)
+    await append(stub, created.session_id, [1, 2])
+
+    reply = await stub.OpenSession(
+        session_pb2.OpenSessionRequest(user_id=OWNER, session_id=created.session_id, model="m2"),
+        timeout=CALL_TIMEOUT,
+    )
+    session = reply.session
+    assert reply.resumed is True
+    assert session.session_id == created.session_id
+    assert (session.model, session.system_prompt, session.conversation_id) == ("m2", "p1", "c1")
+    assert session.last_seq == 2 and session.active_turn_id == "t1"
+    assert session.created_at == created.created_at
+    assert session.expires_at.ToNanoseconds() >= created.expires_at.ToNanoseconds()
+
+
+def stranger_calls(stub, session_id: str) -> list:
+    """Every user-scoped call, by a user who does not own session_id. Returned unstarted (grpc.aio starts a
+    call as soon as it is created), so each one's answer is checked on its own."""
+    return [
+        lambda: stub.OpenSession(session_pb2.OpenSessionRequest(user_id=STRANGER, session_id=session_id)),
+        lambda: stub.GetSession(session_pb2.GetSessionRequest(user_id=STRANGER, session_id=session_id)),
+        lambda: begin_turn(stub, session_id, "x", user_id=STRANGER),
+        lambda: stub.CloseSession(session_pb2.CloseSessionRequest(user_id=STRANGER, session_id=session_id)),
+        lambda: read_batches(stub, read_request(session_id, user_id=STRANGER)),
+    ]
+
+
+async def test_sessions_of_other_users_and_unknown_sessions_are_not_found(stub):
+    mine = (await open_session(stub)).session_id
+    for session_id in (mine, "0" * 32):
+        # The stranger gets exactly what an unknown id gets: existence never leaks.
+        for call in stranger_calls(stub, session_id):
+            await expect_status(grpc.StatusCode.NOT_FOUND, call())
+    await expect_status(grpc.StatusCode.NOT_FOUND, append(stub, "0" * 32, [1]))
+
+    # Nothing the stranger tried touched the owner's session.
+    session = await get_session(stub, mine)
+    assert session.active_turn_id == "" and session.user_id == OWNER
+
+
+async def test_get_session_reports_log_and_turn_state(stub):
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    await append(stub, session_id, [1, 2, 3])
+    session = await get_session(stub, session_id)
+    assert (session.last_seq, session.active_turn_id) == (3, "t1")
+
+    await end_turn(stub, session_id, "t1")
+    session = await get_session(stub, session_id)
+    assert (session.last_seq, session.active_turn_id) == (3, "")
+
+
+async def test_close_session_removes_it_and_its_log(stub):
+    session_id = (await open_session(stub)).session_id
+    await append(stub, session_id, [1])
+    await stub.CloseSession(session_pb2.CloseSessionRequest(user_id=OWNER, session_id=session_id))
+
+    await expect_status(grpc.StatusCode.NOT_FOUND, get_session(stub, session_id))
+    await expect_status(grpc.StatusCode.NOT_FOUND, read_batches(stub, read_request(session_id)))
+    await expect_status(grpc.StatusCode.NOT_FOUND, append(stub, session_id, [2]))
+    await expect_status(grpc.StatusCode.NOT_FOUND, open_session(stub, session_id=session_id))
+
+
+# -- turns
+
+
+async def test_begin_turn_conflicts_while_another_turn_runs(stub):
+    session_id = (await open_session(stub)).session_id
+    await append(stub, session_id, [1, 2], turn_id="t0")
+    assert await begin_turn(stub, session_id, "t1") == 2
+    # The same turn again is a retry, not a conflict.
+    assert await begin_turn(stub, session_id, "t1") == 2
+
+    error = await expect_status(grpc.StatusCode.FAILED_PRECONDITION, begin_turn(stub, session_id, "t2"))
+    assert "a turn is already running" in error.details()
+
+    # Ending some other turn changes nothing, and is no error.
+    await end_turn(stub, session_id, "t2")
+    await expect_status(grpc.StatusCode.FAILED_PRECONDITION, begin_turn(stub, session_id, "t2"))
+
+    await end_turn(stub, session_id, "t1")
+    await end_turn(stub, session_id, "t1")  # idempotent
+    assert await begin_turn(stub, session_id, "t2") == 2
+
+
+async def test_end_turn_of_a_missing_session_is_not_an_error(stub):
+    await end_turn(stub, "0" * 32, "t1")
+
+
+async def test_begin_turn_requires_turn_id(stub):
+    session_id = (await open_session(stub)).session_id
+    await expect_status(grpc.StatusCode.INVALID_ARGUMENT, begin_turn(stub, session_id, ""))
+
+
+async def test_a_turn_whose_lease_expired_is_taken_over(start_service):
+    stub = (await start_service(turn_lease_seconds=0.3)).stub
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    await expect_status(grpc.StatusCode.FAILED_PRECONDITION, begin_turn(stub, session_id, "t2"))
+
+    await asyncio.sleep(0.4)
+    assert (await get_session(stub, session_id)).active_turn_id == ""
+    await begin_turn(stub, session_id, "t2")
+    assert (await get_session(stub, session_id)).active_turn_id == "t2"
+
+
+async def test_appending_renews_the_turn_lease(start_service):
+    stub = (await start_service(turn_lease_seconds=0.6)).stub
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    for seq in (1, 2, 3):
+        await asyncio.sleep(0.25)
+        await append(stub, session_id, [seq])
+    # 0.75 s after BeginTurn, but only moments after the last append.
+    await expect_status(grpc.StatusCode.FAILED_PRECONDITION, begin_turn(stub, session_id, "t2"))
+
+
+# -- AppendEvents
+
+
+async def test_append_requires_contiguous_seqs(stub):
+    session_id = (await open_session(stub)).session_id
+
+    error = await expect_status(grpc.StatusCode.ABORTED, append(stub, session_id, [2]))
+    assert "expected seq 1" in error.details() and "got 2" in error.details()
+    error = await expect_status(grpc.StatusCode.ABORTED, append(stub, session_id, [1, 3]))
+    assert "expected seq 2" in error.details() and "got 3" in error.details()
+    await expect_status(grpc.StatusCode.ABORTED, append(stub, session_id, []))
+    # A rejected batch is rejected whole.
+    assert (await get_session(stub, session_id)).last_seq == 0
+
+    assert await append(stub, session_id, [1, 2]) == 2
+    error = await expect_status(grpc.StatusCode.ABORTED, append(stub, session_id, [2]))
+    assert "expected seq 3" in error.details()
+    assert await append(stub, session_id, [3]) == 3
+
+
+# -- ReadEvents
+
+
+async def test_read_without_follow_delivers_the_log_and_ends(stub):
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    await stub.AppendEvents(
+        session_pb2.AppendEventsRequest(
+            session_id=session_id, events=[log_event(1), log_event(2), log_event(3, terminal=True)]
+        )
+    )
+    # Ends although a turn is running: without follow it only delivers what is there.
+    events = [event for batch in await read_batches(stub, read_request(session_id, 1)) for event in batch]
+    assert events == [log_event(2), log_event(3, terminal=True)]
+    assert await read_seqs(stub, read_request(session_id, 3)) == []
+
+
+async def test_read_delivers_batches_of_at_most_500_events(stub):
+    session_id = (await open_session(stub)).session_id
+    await append(stub, session_id, range(1, 1201))
+    batches = await read_batches(stub, read_request(session_id))
+    assert [len(batch) for batch in batches] == [500, 500, 200]
+    assert [event.seq for batch in batches for event in batch] == list(range(1, 1201))
+
+
+async def test_trimmed_events_are_out_of_range(start_service):
+    stub = (await start_service(session_log_max_events=5)).stub
+    session_id = (await open_session(stub)).session_id
+    await append(stub, session_id, range(1, 6))
+    await append(stub, session_id, range(6, 9))  # drops 1..3
+
+    error = await expect_status(grpc.StatusCode.OUT_OF_RANGE, read_batches(stub, read_request(session_id, 0)))
+    assert "seq 4" in error.details()
+    await expect_status(grpc.StatusCode.OUT_OF_RANGE, read_batches(stub, read_request(session_id, 2)))
+    assert await read_seqs(stub, read_request(session_id, 3)) == [4, 5, 6, 7, 8]
+    assert (await get_session(stub, session_id)).last_seq == 8
+
+
+async def test_follower_receives_later_events_once_and_ends_after_end_turn(stub, followers):
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    await append(stub, session_id, [1, 2])
+
+    follower = followers(stub, read_request(session_id, 1, follow=True))
+    await follower.wait_for_seq(2)
+    await follower.assert_still_open()
+    await append(stub, session_id, [3])
+    await follower.wait_for_seq(3)
+    await append(stub, session_id, [4, 5])
+    await follower.wait_for_seq(5)
+    await follower.assert_still_open()
+
+    await end_turn(stub, session_id, "t1")
+    assert await follower.wait_until_ended() == [2, 3, 4, 5]
+
+
+async def test_follower_misses_and_repeats_nothing_under_concurrent_appends(stub, followers):
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    tails = [followers(stub, read_request(session_id, 0, follow=True)) for _ in range(3)]
+    for seq in range(1, 201):
+        await append(stub, session_id, [seq])
+    await end_turn(stub, session_id, "t1")
+    for follower in tails:
+        assert await follower.wait_until_ended() == list(range(1, 201))
+
+
+async def test_follow_without_a_running_turn_ends_after_catching_up(stub):
+    session_id = (await open_session(stub)).session_id
+    await append(stub, session_id, [1, 2])
+    assert await read_seqs(stub, read_request(session_id, 0, follow=True)) == [1, 2]
+
+
+async def test_follower_ahead_of_the_log_gets_only_what_follows_its_cursor(stub, followers):
+    # A client may have seen events live that the gateway has not appended yet.
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    await append(stub, session_id, [1])
+    follower = followers(stub, read_request(session_id, 3, follow=True))
+    await follower.assert_still_open()
+    await append(stub, session_id, [2, 3, 4])
+    await end_turn(stub, session_id, "t1")
+    assert await follower.wait_until_ended() == [4]
+
+
+async def test_close_session_ends_followers(stub, followers):
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    await append(stub, session_id, [1])
+    follower = followers(stub, read_request(session_id, 0, follow=True))
+    await follower.wait_for_seq(1)
+    await follower.assert_still_open()
+
+    await stub.CloseSession(session_pb2.CloseSessionRequest(user_id=OWNER, session_id=session_id))
+    assert await follower.wait_until_ended() == [1]
+
+
+async def test_follower_of_a_turn_whose_lease_expires_ends(start_service, followers):
+    stub = (await start_service(turn_lease_seconds=0.3)).stub
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    follower = followers(stub, read_request(session_id, 0, follow=True))
+    await follower.assert_still_open()
+    assert await follower.wait_until_ended(timeout=2.0) == []
+
+
+# -- expiry
+
+
+async def test_session_expires_after_ttl_of_inactivity(start_service):
+    stub = (await start_service(session_ttl_seconds=0.3)).stub
+    session_id = (await open_session(stub)).session_id
+    await asyncio.sleep(0.5)
+    await expect_status(grpc.StatusCode.NOT_FOUND, get_session(stub, session_id))
+    await expect_status(grpc.StatusCode.NOT_FOUND, open_session(stub, session_id=session_id))
+
+
+async def test_using_a_session_keeps_it_alive(start_service):
+    stub = (await start_service(session_ttl_seconds=0.8)).stub
+    session_id = (await open_session(stub)).session_id
+    for seq in (1, 2, 3):
+        await asyncio.sleep(0.3)
+        await open_session(stub, session_id=session_id)
+        await append(stub, session_id, [seq])
+    assert (await get_session(stub, session_id)).last_seq == 3
+
+
+async def test_expiry_ends_followers_without_anyone_touching_the_session(start_service, followers):
+    stub = (await start_service(session_ttl_seconds=0.3, turn_lease_seconds=30)).stub
+    session_id = (await open_session(stub)).session_id
+    await begin_turn(stub, session_id, "t1")
+    follower = followers(stub, read_request(session_id, 0, follow=True))
+    await follower.assert_still_open()
+    # Only the sweeper can end it: the lease is far away and no call touches the session.
+    assert await follower.wait_until_ended(timeout=2.0) == []
