@@ -1,0 +1,232 @@
+"""duplex.chat.v1.ChatService: the bidi Chat stream, SendMessage, CancelTurn and ResumeStream."""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
+from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgument, OutOfRange
+from gateway.hub import HubRegistry, SessionHub, is_terminal
+from gateway.identity import LocalIdentity
+from gateway.settings import GatewaySettings
+from gateway.turn import Services, SessionContext, TurnManager, error_event
+
+log = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 128
+_END = object()  # closes a connection's outbox
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(
+        self, services: Services, hubs: HubRegistry, turns: TurnManager, identity: LocalIdentity,
+        settings: GatewaySettings,
+    ):
+        self.services = services
+        self.hubs = hubs
+        self.turns = turns
+        self._identity = identity
+        self._settings = settings
+
+    async def Chat(self, request_iterator, context):
+        connection = ChatConnection(self, self._identity.user_id(context))
+        await connection.run(request_iterator, context)
+
+    async def SendMessage(self, request: chat_pb2.SendMessageRequest, context):
+        user_id = self._identity.user_id(context)
+        session, last_seq, opened = await self.open_session(
+            user_id, request.session_id, request.conversation_id, request.model, request.system_prompt
+        )
+        yield chat_pb2.SendMessageResponse(event=opened)
+        async with self.hubs.attached(session.session_id, user_id, last_seq) as hub:
+            turn, accepted = await self.turns.start(hub, session, request.message)
+            if turn is None:
+                yield chat_pb2.SendMessageResponse(event=accepted)
+                return
+            async with contextlib.aclosing(hub.follow(accepted.seq - 1)) as events:
+                async for event in events:
+                    yield chat_pb2.SendMessageResponse(event=event)
+                    if event.turn_id == turn.id and is_terminal(event):
+                        return
+
+    async def CancelTurn(self, request: chat_pb2.CancelTurnRequest, context) -> chat_pb2.CancelTurnResponse:
+        user_id = self._identity.user_id(context)
+        _validate_id("session_id", request.session_id, required=True)
+        await self.services.sessions.get(user_id, request.session_id)  # NOT_FOUND unless the user's
+        hub = self.hubs.get(request.session_id)
+        return chat_pb2.CancelTurnResponse(cancelled=cancel_running_turn(hub, request.turn_id))
+
+    async def ResumeStream(self, request: chat_pb2.ResumeStreamRequest, context):
+        user_id = self._identity.user_id(context)
+        _validate_id("session_id", request.session_id, required=True)
+        session = await self.services.sessions.get(user_id, request.session_id)
+        if request.after_seq > session.last_seq and self.hubs.get(session.session_id) is None:
+            raise OutOfRange(f"after_seq {request.after_seq} is ahead of the session's last seq {session.last_seq}")
+        async for event in self._events_after(user_id, session.session_id, session.last_seq, request.after_seq):
+            yield chat_pb2.ResumeStreamResponse(event=event)
+
+    async def _events_after(
+        self, user_id: str, session_id: str, last_seq: int, after_seq: int
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """Missed events, then the running turn's, from memory when the session is active here."""
+        if self.hubs.get(session_id) is not None:
+            async with self.hubs.attached(session_id, user_id, last_seq) as hub:
+                async for event in hub.follow(after_seq):
+                    yield event
+            return
+        async for logged in self.services.sessions.read_events(user_id, session_id, after_seq, follow=True):
+            yield chat_pb2.ChatEvent.FromString(logged.payload)
+
+    async def open_session(
+        self, user_id: str, session_id: str, conversation_id: str, model: str, system_prompt: str
+    ) -> tuple[SessionContext, int, chat_pb2.ChatEvent]:
+        """Create or re-attach to a session; returns it, its last seq and the session_opened event."""
+        _validate_id("session_id", session_id)
+        _validate_id("conversation_id", conversation_id)
+        _validate_id("model", model)
+        if len(system_prompt) > self._settings.max_message_chars:
+            raise InvalidArgument(f"system_prompt is longer than {self._settings.max_message_chars} characters")
+        sessions, history = self.services.sessions, self.services.history
+        if not session_id:
+            if conversation_id:
+                await history.get_conversation(user_id, conversation_id)  # NOT_FOUND unless the user's
+            else:
+                conversation_id = (await history.create_conversation(user_id)).conversation_id
+        opened = await sessions.open(user_id, session_id, conversation_id, model, system_prompt)
+        s = opened.session
+        context = SessionContext(s.session_id, user_id, s.conversation_id, s.model, s.system_prompt)
+        event = chat_pb2.ChatEvent(
+            session_id=s.session_id,
+            session_opened=chat_pb2.SessionOpened(
+                session_id=s.session_id, conversation_id=s.conversation_id, resumed=opened.resumed,
+                model=s.model, last_seq=s.last_seq,
+            ),
+        )
+        event.time.GetCurrentTime()
+        return context, s.last_seq, event
+
+
+def _validate_id(name: str, value: str, required: bool = False) -> None:
+    if required and not value:
+        raise InvalidArgument(f"{name} is required")
+    if len(value) > MAX_ID_CHARS:
+        raise InvalidArgument(f"{name} is longer than {MAX_ID_CHARS} characters")
+
+
+def cancel_running_turn(hub: SessionHub | None, turn_id: str) -> bool:
+    turn = hub.turn if hub is not None else None
+    if turn is None or (turn_id and turn_id != turn.id):
+        return False  # already ended (its terminal event says how) or running on another replica
+    turn.cancel()
+    return True
+
+
+class ChatConnection:
+    """One Chat stream. A reader task handles requests; a follower task relays the session's logged
+    events; both feed one bounded outbox that this stream writes, so the client sees one ordered stream."""
+
+    def __init__(self, servicer: ChatServicer, user_id: str):
+        self._servicer = servicer
+        self._user_id = user_id
+        self._outbox: asyncio.Queue = asyncio.Queue(servicer._settings.connection_outbox_events)
+        self._session: SessionContext | None = None
+        self._hub: SessionHub | None = None
+        self._follower: asyncio.Task | None = None
+        self._half_closed = False
+
+    async def run(self, requests, context) -> None:
+        reader = asyncio.create_task(self._read(requests), name="chat-reader")
+        try:
+            while (item := await self._outbox.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                await context.write(chat_pb2.ChatResponse(event=item))
+        finally:
+            # A disconnect lands here too: stop reading and relaying; running turns go on.
+            tasks = [task for task in (reader, self._follower) if task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if self._hub is not None:
+                await self._servicer.hubs.release(self._hub)
+
+    async def _read(self, requests) -> None:
+        try:
+            async for request in requests:
+                await self._handle(request)
+            # The client half-closed: it sends no more, but still gets the running turn to its end.
+            self._half_closed = True
+            if self._follower is not None:
+                self._hub.wake()
+                await self._follower
+            await self._outbox.put(_END)
+        except Exception as error:
+            await self._outbox.put(error)
+
+    async def _handle(self, request: chat_pb2.ChatRequest) -> None:
+        kind = request.WhichOneof("kind")
+        try:
+            if kind == "open":
+                await self._open(request.open)
+            elif kind == "message":
+                await self._send(request.message)
+            elif kind == "cancel":
+                cancel_running_turn(self._require_hub(), request.cancel.turn_id)
+            elif kind == "ping":
+                await self._emit(chat_pb2.ChatEvent(pong=chat_pb2.Pong(nonce=request.ping.nonce)))
+            else:
+                raise InvalidArgument("empty request: set one of open, message, cancel or ping")
+        except DuplexError as error:
+            await self._emit(error_event(error))
+
+    async def _open(self, open_request: chat_pb2.OpenSession) -> None:
+        if self._session is not None:
+            raise FailedPrecondition("a session is already open on this stream")
+        session, last_seq, opened = await self._servicer.open_session(
+            self._user_id, open_request.session_id, open_request.conversation_id, open_request.model,
+            open_request.system_prompt,
+        )
+        self._session = session
+        self._hub = self._servicer.hubs.acquire(session.session_id, self._user_id, last_seq)
+        await self._emit(opened)
+        after_seq = self._hub.last_seq
+        if open_request.HasField("resume_after_seq"):
+            if open_request.resume_after_seq > after_seq:
+                await self._emit(error_event(OutOfRange(
+                    f"resume_after_seq {open_request.resume_after_seq} is ahead of the session's last seq {after_seq}"
+                )))
+            else:
+                after_seq = open_request.resume_after_seq
+        self._follower = asyncio.create_task(self._follow(after_seq), name="chat-follower")
+
+    async def _send(self, message: chat_pb2.UserMessage) -> None:
+        turn, accepted = await self._servicer.turns.start(self._require_hub(), self._session, message)
+        if turn is None:
+            await self._emit(accepted)  # a duplicate: acknowledged, not answered again
+        # A new turn's events reach this client through the follower, like every other logged event.
+
+    async def _follow(self, after_seq: int) -> None:
+        while True:
+            try:
+                async for event in self._hub.follow(after_seq, stop_when_idle=lambda: self._half_closed):
+                    after_seq = event.seq
+                    await self._outbox.put(event)
+                return
+            except DuplexError as error:
+                # Older events are gone or unreachable: say so, and go on with the live ones.
+                await self._emit(error_event(error))
+                after_seq = self._hub.last_seq
+
+    def _require_hub(self) -> SessionHub:
+        if self._hub is None:
+            raise FailedPrecondition("open a session first")
+        return self._hub
+
+    async def _emit(self, event: chat_pb2.ChatEvent) -> None:
+        """Queue an ephemeral event (seq 0) for this client only."""
+        if self._session is not None:
+            event.session_id = self._session.session_id
+        if not event.HasField("time"):
+            event.time.GetCurrentTime()
+        await self._outbox.put(event)

@@ -1,0 +1,125 @@
+"""Typed clients for the inner services: gRPC errors become duplex.common.errors exceptions."""
+
+import functools
+from collections.abc import AsyncIterator, Iterable
+
+import grpc
+
+from duplex.common.errors import from_rpc_error
+from duplex.history.v1 import history_pb2, history_pb2_grpc
+from duplex.llm.v1 import llm_pb2, llm_pb2_grpc
+from duplex.session.v1 import session_pb2, session_pb2_grpc
+
+
+def _translated(service: str):
+    def decorate(method):
+        @functools.wraps(method)
+        async def call(*args, **kwargs):
+            try:
+                return await method(*args, **kwargs)
+            except grpc.aio.AioRpcError as error:
+                raise from_rpc_error(error, service) from None
+
+        return call
+
+    return decorate
+
+
+class SessionClient:
+    def __init__(self, channel: grpc.aio.Channel, timeout: float):
+        self._stub = session_pb2_grpc.SessionServiceStub(channel)
+        self._timeout = timeout
+
+    @_translated("session service")
+    async def open(
+        self, user_id: str, session_id: str = "", conversation_id: str = "", model: str = "",
+        system_prompt: str = "",
+    ) -> session_pb2.OpenSessionResponse:
+        request = session_pb2.OpenSessionRequest(
+            user_id=user_id, session_id=session_id, conversation_id=conversation_id, model=model,
+            system_prompt=system_prompt,
+        )
+        return await self._stub.OpenSession(request, timeout=self._timeout)
+
+    @_translated("session service")
+    async def get(self, user_id: str, session_id: str) -> session_pb2.Session:
+        request = session_pb2.GetSessionRequest(user_id=user_id, session_id=session_id)
+        return (await self._stub.GetSession(request, timeout=self._timeout)).session
+
+    @_translated("session service")
+    async def begin_turn(self, user_id: str, session_id: str, turn_id: str) -> int:
+        request = session_pb2.BeginTurnRequest(user_id=user_id, session_id=session_id, turn_id=turn_id)
+        return (await self._stub.BeginTurn(request, timeout=self._timeout)).last_seq
+
+    @_translated("session service")
+    async def end_turn(self, session_id: str, turn_id: str) -> None:
+        request = session_pb2.EndTurnRequest(session_id=session_id, turn_id=turn_id)
+        await self._stub.EndTurn(request, timeout=self._timeout)
+
+    @_translated("session service")
+    async def append_events(self, session_id: str, events: Iterable[session_pb2.LogEvent]) -> None:
+        request = session_pb2.AppendEventsRequest(session_id=session_id, events=events)
+        await self._stub.AppendEvents(request, timeout=self._timeout)
+
+    async def read_events(
+        self, user_id: str, session_id: str, after_seq: int, follow: bool
+    ) -> AsyncIterator[session_pb2.LogEvent]:
+        request = session_pb2.ReadEventsRequest(
+            user_id=user_id, session_id=session_id, after_seq=after_seq, follow=follow
+        )
+        call = self._stub.ReadEvents(request)
+        try:
+            async for batch in call:
+                for event in batch.events:
+                    yield event
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "session service") from None
+        finally:
+            call.cancel()
+
+
+class HistoryClient:
+    def __init__(self, channel: grpc.aio.Channel, timeout: float):
+        self._stub = history_pb2_grpc.HistoryServiceStub(channel)
+        self._timeout = timeout
+
+    @_translated("history service")
+    async def create_conversation(self, user_id: str) -> history_pb2.Conversation:
+        request = history_pb2.CreateConversationRequest(user_id=user_id)
+        return (await self._stub.CreateConversation(request, timeout=self._timeout)).conversation
+
+    @_translated("history service")
+    async def get_conversation(self, user_id: str, conversation_id: str) -> history_pb2.Conversation:
+        request = history_pb2.GetConversationRequest(user_id=user_id, conversation_id=conversation_id)
+        return (await self._stub.GetConversation(request, timeout=self._timeout)).conversation
+
+    @_translated("history service")
+    async def append_message(self, request: history_pb2.AppendMessageRequest) -> history_pb2.AppendMessageResponse:
+        return await self._stub.AppendMessage(request, timeout=self._timeout)
+
+    @_translated("history service")
+    async def list_messages(
+        self, user_id: str, conversation_id: str, page_token: str = ""
+    ) -> history_pb2.ListMessagesResponse:
+        request = history_pb2.ListMessagesRequest(
+            user_id=user_id, conversation_id=conversation_id, page_size=1000, page_token=page_token
+        )
+        return await self._stub.ListMessages(request, timeout=self._timeout)
+
+
+class LlmClient:
+    def __init__(self, channel: grpc.aio.Channel):
+        self._stub = llm_pb2_grpc.LlmServiceStub(channel)
+
+    async def generate(
+        self, request: llm_pb2.GenerateRequest, timeout: float
+    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
+        """Stream the reply; closing the iterator (or cancelling its task) cancels the upstream call."""
+        call = self._stub.Generate(request, timeout=timeout)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "llm service") from None
+        finally:
+            call.cancel()

@@ -1,0 +1,197 @@
+"""Per-session event hubs: where a turn publishes events and where every client of the session reads them.
+
+A hub numbers events with the session's seq, keeps the most recent ones in memory (so same-replica
+followers and resumes never touch the session service), and hands them to the session service's log in
+batches. Followers read by cursor, so a slow client never slows a turn or holds more than the buffer.
+"""
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+
+from duplex.chat.v1 import chat_pb2
+from duplex.common.errors import DuplexError, OutOfRange
+from duplex.session.v1 import session_pb2
+from gateway.clients import SessionClient
+
+log = logging.getLogger(__name__)
+
+TERMINAL_KINDS = frozenset({"turn_completed", "turn_cancelled", "error"})
+
+
+def is_terminal(event: chat_pb2.ChatEvent) -> bool:
+    return bool(event.turn_id) and event.WhichOneof("kind") in TERMINAL_KINDS
+
+
+class SessionHub:
+    def __init__(self, session_id: str, user_id: str, last_seq: int, sessions: SessionClient, capacity: int):
+        self.session_id = session_id
+        self.user_id = user_id
+        self.last_seq = last_seq
+        self.turn = None  # the gateway.turn.Turn running in this session on this replica, if any
+        self.references = 0
+        self._sessions = sessions
+        self._recent: deque[chat_pb2.ChatEvent] = deque(maxlen=capacity)
+        self._unflushed: list[session_pb2.LogEvent] = []
+        self._flush_lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self.on_dirty: Callable[[SessionHub], None] = lambda hub: None
+
+    def publish(self, event: chat_pb2.ChatEvent) -> chat_pb2.ChatEvent:
+        """Number, timestamp, buffer and queue `event` for the log; wake every follower."""
+        self.last_seq += 1
+        event.seq = self.last_seq
+        event.session_id = self.session_id
+        event.time.GetCurrentTime()
+        self._recent.append(event)
+        self._unflushed.append(
+            session_pb2.LogEvent(
+                seq=event.seq, turn_id=event.turn_id, payload=event.SerializeToString(),
+                terminal=is_terminal(event),
+            )
+        )
+        self.on_dirty(self)
+        self.wake()
+        return event
+
+    def wake(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def restart_at(self, last_seq: int) -> None:
+        """The log moved on elsewhere (another replica ran a turn): drop what this hub remembers."""
+        if last_seq != self.last_seq:
+            self._recent.clear()
+            self.last_seq = last_seq
+
+    @property
+    def has_unflushed(self) -> bool:
+        return bool(self._unflushed)
+
+    async def flush(self) -> None:
+        async with self._flush_lock:
+            if not self._unflushed:
+                return
+            batch, self._unflushed = self._unflushed, []
+            try:
+                await self._sessions.append_events(self.session_id, batch)
+            except DuplexError:
+                self._unflushed[:0] = batch
+                raise
+
+    def _buffered_after(self, cursor: int) -> list[chat_pb2.ChatEvent] | None:
+        """Events after `cursor` from memory; None when some of them are no longer in memory."""
+        if cursor >= self.last_seq:
+            return []
+        if not self._recent or cursor + 1 < self._recent[0].seq:
+            return None
+        return list(itertools.islice(self._recent, cursor + 1 - self._recent[0].seq, None))
+
+    async def follow(
+        self, after_seq: int, stop_when_idle: Callable[[], bool] = lambda: True
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """Every event after `after_seq` exactly once, then live ones. Ends once caught up with no turn
+        running here and `stop_when_idle()` is true."""
+        cursor = after_seq
+        while True:
+            changed = self._changed
+            events = self._buffered_after(cursor)
+            if events is None:
+                start = cursor
+                async for event in self._read_logged(cursor):
+                    cursor = event.seq
+                    yield event
+                if cursor == start:
+                    raise OutOfRange(f"events after seq {start} are no longer available")
+                continue
+            for event in events:
+                cursor = event.seq
+                yield event
+            if cursor >= self.last_seq and self.turn is None and stop_when_idle():
+                return
+            if not events:
+                await changed.wait()
+
+    async def _read_logged(self, cursor: int) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """Older events than memory holds, from the session service's log (flushed first)."""
+        await self.flush()
+        async for logged in self._sessions.read_events(self.user_id, self.session_id, cursor, follow=False):
+            if logged.seq > self.last_seq:
+                break
+            yield chat_pb2.ChatEvent.FromString(logged.payload)
+
+
+class HubRegistry:
+    """The hubs of the sessions in use on this replica, and the task that flushes them to the log."""
+
+    def __init__(self, sessions: SessionClient, capacity: int, flush_interval: float):
+        self._sessions = sessions
+        self._capacity = capacity
+        self._flush_interval = flush_interval
+        self._hubs: dict[str, SessionHub] = {}
+        self._dirty: set[SessionHub] = set()
+        self._flusher: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._flusher = asyncio.create_task(self._flush_periodically(), name="hub-flusher")
+
+    async def close(self) -> None:
+        if self._flusher:
+            self._flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._flusher
+        await self._flush_dirty()
+
+    def get(self, session_id: str) -> SessionHub | None:
+        return self._hubs.get(session_id)
+
+    def acquire(self, session_id: str, user_id: str, last_seq: int) -> SessionHub:
+        hub = self._hubs.get(session_id)
+        if hub is None:
+            hub = SessionHub(session_id, user_id, last_seq, self._sessions, self._capacity)
+            hub.on_dirty = self._dirty.add
+            self._hubs[session_id] = hub
+        hub.references += 1
+        return hub
+
+    async def release(self, hub: SessionHub) -> None:
+        hub.references -= 1
+        if hub.references > 0:
+            return
+        try:
+            await hub.flush()
+        except DuplexError:
+            log.warning("session %s: events not yet logged; retrying in the background", hub.session_id)
+            return  # stays dirty; the flusher retries and the hub is forgotten on a later release
+        self._forget_if_unused(hub)
+
+    def _forget_if_unused(self, hub: SessionHub) -> None:
+        unused = hub.references == 0 and hub.turn is None and not hub.has_unflushed
+        if unused and self._hubs.get(hub.session_id) is hub:
+            del self._hubs[hub.session_id]
+
+    @contextlib.asynccontextmanager
+    async def attached(self, session_id: str, user_id: str, last_seq: int) -> AsyncIterator[SessionHub]:
+        hub = self.acquire(session_id, user_id, last_seq)
+        try:
+            yield hub
+        finally:
+            await self.release(hub)
+
+    async def _flush_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            await self._flush_dirty()
+
+    async def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        results = await asyncio.gather(*(hub.flush() for hub in dirty), return_exceptions=True)
+        for hub, result in zip(dirty, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("session %s: logging events failed (%s); will retry", hub.session_id, result)
+                self._dirty.add(hub)
+            else:
+                self._forget_if_unused(hub)  # it may have been released while its events were retried

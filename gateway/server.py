@@ -1,0 +1,85 @@
+"""`python -m gateway`: the public ChatService, wired to the llm, session and history services."""
+
+import asyncio
+import contextlib
+import logging
+
+from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
+from duplex.common.logs import configure_logging
+from duplex.common.server import GrpcServer, insecure_channel, is_serving, serve_until_signal
+from gateway.chat import ChatServicer
+from gateway.clients import HistoryClient, LlmClient, SessionClient
+from gateway.hub import HubRegistry
+from gateway.identity import LocalIdentity
+from gateway.settings import GatewaySettings
+from gateway.turn import Services, TurnManager
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+DEPENDENCIES = {
+    "llm service": ("llm_target", "duplex.llm.v1.LlmService"),
+    "session service": ("session_target", "duplex.session.v1.SessionService"),
+    "history service": ("history_target", "duplex.history.v1.HistoryService"),
+}
+
+
+async def create_server(settings: GatewaySettings) -> GrpcServer:
+    """Build and start the gateway; health turns SERVING once every inner service answers."""
+    channels = {name: insecure_channel(getattr(settings, field)) for name, (field, _) in DEPENDENCIES.items()}
+    services = Services(
+        sessions=SessionClient(channels["session service"], settings.rpc_timeout_seconds),
+        history=HistoryClient(channels["history service"], settings.rpc_timeout_seconds),
+        llm=LlmClient(channels["llm service"]),
+    )
+    hubs = HubRegistry(services.sessions, settings.hub_buffer_events, settings.event_flush_interval_seconds)
+    turns = TurnManager(services, hubs, settings)
+    servicer = ChatServicer(services, hubs, turns, LocalIdentity(settings.local_user_id), settings)
+    server = GrpcServer([SERVICE_NAME], lambda s: chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, s))
+
+    async def close_channels() -> None:
+        for channel in channels.values():
+            await channel.close()
+
+    # Closed in reverse: the health watcher, then running turns (they still log and store), then the
+    # event flusher's last flush, then the channels they all use.
+    server.on_stop(close_channels)
+    server.on_stop(hubs.close)
+    server.on_stop(turns.close)
+    await server.start(settings.gateway_listen)
+    hubs.start()
+    watcher = asyncio.create_task(_watch_dependencies(server, channels, settings), name="dependency-watch")
+    server.on_stop(lambda: _cancel(watcher))
+    return server
+
+
+async def _watch_dependencies(server: GrpcServer, channels: dict, settings: GatewaySettings) -> None:
+    """SERVING only while every inner service reports SERVING; checked quickly until first ready."""
+    serving = False
+    while True:
+        checks = [is_serving(channels[name], service) for name, (_, service) in DEPENDENCIES.items()]
+        results = dict(zip(DEPENDENCIES, await asyncio.gather(*checks), strict=True))
+        ready = all(results.values())
+        if ready != serving:
+            serving = ready
+            await server.set_serving(ready)
+            down = [name for name, ok in results.items() if not ok]
+            log.info("gateway %s", "SERVING" if ready else f"NOT_SERVING: waiting for {', '.join(down)}")
+        await asyncio.sleep(settings.dependency_check_interval_seconds if serving else 0.1)
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def serve(settings: GatewaySettings) -> None:
+    server = await create_server(settings)
+    await serve_until_signal(server, settings.shutdown_grace_seconds, "gateway")
+
+
+def main() -> None:
+    settings = GatewaySettings()
+    configure_logging(settings.log_level, "gateway")
+    asyncio.run(serve(settings))

@@ -1,0 +1,24 @@
+from duplex.common.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    gateway_listen: str = "127.0.0.1:50051"
+    llm_target: str = "127.0.0.1:50052"
+    session_target: str = "127.0.0.1:50053"
+    history_target: str = "127.0.0.1:50054"
+    # Without authentication (the embedded default) every caller is this one local user.
+    local_user_id: str = "local"
+    default_system_prompt: str = "You are Duplex, a helpful assistant. Answer clearly and concisely."
+    # Deadline for one call to an inner service (a whole turn has its own).
+    rpc_timeout_seconds: float = 10.0
+    turn_timeout_seconds: float = 300.0
+    max_message_chars: int = 32_000
+    # How many earlier messages of the conversation the model sees.
+    context_messages: int = 50
+    # Events reach the session log in batches at most this often.
+    event_flush_interval_seconds: float = 0.02
+    # Recent events kept in memory per active session, so same-replica resumes skip the session service.
+    hub_buffer_events: int = 1024
+    # Events queued for one slow client before its follower waits.
+    connection_outbox_events: int = 256
+    dependency_check_interval_seconds: float = 5.0

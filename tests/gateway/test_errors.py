@@ -1,0 +1,126 @@
+"""Every failure is an error event or a gRPC status with the right code: never a hang or a trace."""
+
+import grpc
+import pytest
+from chat_helpers import ChatStream, collect, kinds
+
+from duplex.chat.v1 import chat_pb2
+from duplex.session.v1 import session_pb2
+
+
+def code_of(event) -> grpc.StatusCode:
+    return next(code for code in grpc.StatusCode if code.value[0] == event.error.code)
+
+
+async def test_bad_requests_get_error_events_and_the_stream_goes_on(system):
+    chat = ChatStream(system.chat)
+    await chat.say("before opening")
+    assert code_of(await chat.next_event()) == grpc.StatusCode.FAILED_PRECONDITION
+    await chat.send()  # no kind at all
+    assert code_of(await chat.next_event()) == grpc.StatusCode.INVALID_ARGUMENT
+
+    await chat.open()
+    await chat.send(open=chat_pb2.OpenSession())
+    assert code_of(await chat.next_event()) == grpc.StatusCode.FAILED_PRECONDITION
+    await chat.say("   ")
+    assert code_of(await chat.next_event()) == grpc.StatusCode.INVALID_ARGUMENT
+    await chat.say("x" * 40_000)
+    event = await chat.next_event()
+    assert code_of(event) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "longer than" in event.error.message
+
+    await chat.say("still here?")
+    assert kinds(await chat.until_turn_ends())[-1] == "turn_completed"
+    chat.cancel()
+
+
+async def test_unknown_session_or_conversation_is_not_found(system):
+    chat = ChatStream(system.chat)
+    await chat.send(open=chat_pb2.OpenSession(session_id="no-such-session"))
+    event = await chat.next_event()
+    assert code_of(event) == grpc.StatusCode.NOT_FOUND
+    await chat.send(open=chat_pb2.OpenSession(conversation_id="no-such-conversation"))
+    assert code_of(await chat.next_event()) == grpc.StatusCode.NOT_FOUND
+    chat.cancel()
+
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(system.chat.ResumeStream(chat_pb2.ResumeStreamRequest(session_id="nope")))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await system.chat.CancelTurn(chat_pb2.CancelTurnRequest(session_id="nope"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        request = chat_pb2.SendMessageRequest(session_id="nope", message=chat_pb2.UserMessage(text="hi"))
+        await collect(system.chat.SendMessage(request))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await system.chat.CancelTurn(chat_pb2.CancelTurnRequest())
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_another_users_session_is_not_found(system):
+    # A session owned by someone else, created behind the gateway's back.
+    other = await system.session_store.OpenSession(
+        session_pb2.OpenSessionRequest(user_id="mallory", conversation_id="c")
+    )
+    chat = ChatStream(system.chat)
+    await chat.send(open=chat_pb2.OpenSession(session_id=other.session.session_id))
+    assert code_of(await chat.next_event()) == grpc.StatusCode.NOT_FOUND
+    chat.cancel()
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(system.chat.ResumeStream(chat_pb2.ResumeStreamRequest(session_id=other.session.session_id)))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_unknown_model_ends_the_turn_with_an_error_event(system):
+    chat = ChatStream(system.chat)
+    await chat.open(model="no-such-model")
+    await chat.say("hello")
+    events = await chat.until_turn_ends()
+    assert kinds(events) == ["message_accepted", "error"]
+    assert code_of(events[-1]) == grpc.StatusCode.NOT_FOUND
+    assert events[-1].seq == events[0].seq + 1  # a logged, terminal event of the turn
+    assert "no-such-model" in events[-1].error.message
+    chat.cancel()
+
+
+async def test_llm_service_down_is_a_retryable_unavailable_error(system):
+    await system.llm.stop(0)
+    chat = ChatStream(system.chat)
+    await chat.open()
+    await chat.say("anyone there?")
+    events = await chat.until_turn_ends()
+    assert code_of(events[-1]) == grpc.StatusCode.UNAVAILABLE
+    assert events[-1].error.retryable is True
+    assert "Traceback" not in events[-1].error.message
+    chat.cancel()
+
+
+async def test_history_service_down_refuses_the_message_cleanly(system):
+    chat = ChatStream(system.chat)
+    await chat.open()
+    await system.history.stop(0)
+    await chat.say("will this be stored?")
+    event = await chat.next_event()
+    assert code_of(event) == grpc.StatusCode.UNAVAILABLE
+    assert event.error.retryable is True
+    await chat.send(ping=chat_pb2.Ping(nonce="alive"))
+    assert (await chat.next_event()).pong.nonce == "alive"
+    chat.cancel()
+
+
+async def test_gateway_stopping_mid_turn_ends_it_with_a_retryable_error_in_the_log(make_system):
+    system = await make_system(tokens_per_second=20)
+    chat = ChatStream(system.chat)
+    opened = await chat.open()
+    await chat.say("interrupt me")
+    seen = await chat.until("delta")
+    await system.gateway.stop(0)
+
+    log = system.session_store.ReadEvents(
+        session_pb2.ReadEventsRequest(user_id="local", session_id=opened.session_opened.session_id)
+    )
+    logged = [chat_pb2.ChatEvent.FromString(e.payload) async for batch in log for e in batch.events]
+    assert logged[-1].WhichOneof("kind") == "error"
+    assert logged[-1].error.retryable is True
+    assert logged[-1].turn_id == seen[0].turn_id

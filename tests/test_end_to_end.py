@@ -1,0 +1,142 @@
+"""`duplex up` exactly as a user runs it: four processes on loopback, then grpcurl, the terminal client
+and a resumed stream against them, then a clean Ctrl-C."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+
+from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
+
+SERVICES = {
+    "GATEWAY": "duplex.chat.v1.ChatService",
+    "LLM": "duplex.llm.v1.LlmService",
+    "SESSION": "duplex.session.v1.SessionService",
+    "HISTORY": "duplex.history.v1.HistoryService",
+}
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def running_system(tmp_path):
+    ports = {name: free_port() for name in SERVICES}
+    env = dict(os.environ)
+    env.update({f"DUPLEX_{name}_LISTEN": f"127.0.0.1:{port}" for name, port in ports.items()})
+    env.update(DUPLEX_DATA_DIR=str(tmp_path / "data"), DUPLEX_LOCAL_TOKENS_PER_SECOND="60")
+    launcher = subprocess.Popen(
+        [str(BIN / "duplex"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    output = []
+    for line in launcher.stdout:
+        output.append(line)
+        if line.startswith("Chat with it"):
+            break
+    else:
+        pytest.fail("duplex up did not start:\n" + "".join(output))
+    try:
+        yield ports, launcher
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+
+
+def grpcurl(*args: str, stdin: str | None = None) -> str:
+    result = subprocess.run(
+        [shutil.which("grpcurl", path=str(BIN)) or "grpcurl", *args],
+        input=stdin, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_duplex_up_serves_grpcurl_the_terminal_client_and_resume_then_stops_cleanly(running_system):
+    ports, launcher = running_system
+    gateway = f"127.0.0.1:{ports['GATEWAY']}"
+
+    for name, service in SERVICES.items():
+        assert service in grpcurl("-plaintext", f"127.0.0.1:{ports[name]}", "list").split()
+
+    # The README's grpcurl example: open, send, half-close; the whole turn streams back.
+    lines = grpcurl(
+        "-plaintext", "-d", '{"open":{}} {"message":{"client_message_id":"m1","text":"Hello"}}',
+        gateway, "duplex.chat.v1.ChatService/Chat",
+    )
+    events = [json.loads(chunk)["event"] for chunk in lines.replace("}\n{", "}\x00{").split("\x00")]
+    assert "session_opened" in events[0]
+    assert "turn_completed" in events[-1]
+    assert sum("delta" in e for e in events) >= 40
+
+    one_shot = subprocess.run(
+        [str(BIN / "duplex"), "chat", "--target", gateway, "-m", "hello from the terminal"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert one_shot.returncode == 0, one_shot.stderr
+    assert "hello from the terminal" in one_shot.stdout
+    assert "tokens/s" in one_shot.stderr
+
+    asyncio.run(chat_cancel_and_resume(gateway))
+
+    launcher.send_signal(signal.SIGINT)
+    rest = launcher.stdout.read()
+    assert launcher.wait(timeout=30) == 0, rest
+    assert "all services stopped" in rest
+    assert "Traceback" not in rest
+    for port in ports.values():
+        with socket.socket() as probe:  # every service process is gone, its port free again
+            probe.bind(("127.0.0.1", port))
+
+
+async def chat_cancel_and_resume(gateway: str) -> None:
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        requests: asyncio.Queue = asyncio.Queue()
+
+        async def request_stream():
+            while (request := await requests.get()) is not None:
+                yield request
+
+        call = stub.Chat(request_stream())
+        await requests.put(chat_pb2.ChatRequest(open=chat_pb2.OpenSession()))
+        session_id = (await call.read()).event.session_opened.session_id
+
+        async def turn(text: str, cancel_after_deltas: int | None = None) -> list[chat_pb2.ChatEvent]:
+            await requests.put(chat_pb2.ChatRequest(message=chat_pb2.UserMessage(text=text)))
+            events = []
+            while True:
+                event = (await asyncio.wait_for(call.read(), 10)).event
+                events.append(event)
+                deltas = sum(e.WhichOneof("kind") == "delta" for e in events)
+                if cancel_after_deltas is not None and deltas == cancel_after_deltas:
+                    await requests.put(chat_pb2.ChatRequest(cancel=chat_pb2.Cancel()))
+                if event.WhichOneof("kind") in ("turn_completed", "turn_cancelled", "error"):
+                    return events
+
+        assert (await turn("first"))[-1].WhichOneof("kind") == "turn_completed"
+        assert (await turn("second"))[-1].WhichOneof("kind") == "turn_completed"
+        assert (await turn("third", cancel_after_deltas=2))[-1].WhichOneof("kind") == "turn_cancelled"
+
+        await requests.put(chat_pb2.ChatRequest(message=chat_pb2.UserMessage(text="fourth")))
+        seen = []
+        while sum(e.WhichOneof("kind") == "delta" for e in seen) < 2:
+            seen.append((await call.read()).event)
+        call.cancel()  # drop the connection mid-answer
+
+        resumed = stub.ResumeStream(chat_pb2.ResumeStreamRequest(session_id=session_id, after_seq=seen[-1].seq))
+        rest = [response.event async for response in resumed]
+        assert [e.seq for e in rest] == list(range(seen[-1].seq + 1, seen[-1].seq + 1 + len(rest)))
+        assert rest[-1].WhichOneof("kind") == "turn_completed"
