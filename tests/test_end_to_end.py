@@ -4,11 +4,13 @@ and a resumed stream against them, then a clean Ctrl-C."""
 import asyncio
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
@@ -89,6 +91,7 @@ def test_duplex_up_serves_grpcurl_the_terminal_client_and_resume_then_stops_clea
     assert "hello from the terminal" in one_shot.stdout
     assert "tokens/s" in one_shot.stderr
 
+    interactive_ctrl_c_stops_the_answer_then_quits(gateway)
     asyncio.run(chat_cancel_and_resume(gateway))
 
     launcher.send_signal(signal.SIGINT)
@@ -99,6 +102,41 @@ def test_duplex_up_serves_grpcurl_the_terminal_client_and_resume_then_stops_clea
     for port in ports.values():
         with socket.socket() as probe:  # every service process is gone, its port free again
             probe.bind(("127.0.0.1", port))
+
+
+def read_until(stream, marker: str, timeout: float = 15.0) -> str:
+    """Read a pipe until `marker` shows up (fails after `timeout` seconds)."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no {marker!r} in {seen!r}"
+        if select.select([stream], [], [], remaining)[0]:
+            chunk = os.read(stream.fileno(), 4096).decode()
+            assert chunk, f"pipe closed before {marker!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+def interactive_ctrl_c_stops_the_answer_then_quits(gateway: str) -> None:
+    client = subprocess.Popen(
+        [str(BIN / "duplex"), "chat", "--target", gateway],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        read_until(client.stdout, "you> ")
+        client.stdin.write("please write a long answer\n")
+        client.stdin.flush()
+        read_until(client.stdout, "demo model")  # the answer is streaming
+        client.send_signal(signal.SIGINT)  # first Ctrl-C: stop the answer
+        assert "[stopped after" in read_until(client.stderr, "tokens]")
+        read_until(client.stdout, "you> ")
+        client.send_signal(signal.SIGINT)  # second Ctrl-C, nothing running: quit
+        assert client.wait(timeout=10) == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
 
 
 async def chat_cancel_and_resume(gateway: str) -> None:

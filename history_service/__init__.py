@@ -1,0 +1,1 @@
+"""duplex.history.v1.HistoryService: conversations and their messages, stored with SQLAlchemy async."""

@@ -1,0 +1,50 @@
+"""Engine and session factory. The only place that knows which database backend is in use."""
+
+import logging
+
+from sqlalchemy import event, make_url, text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from history_service.models import Base
+
+log = logging.getLogger(__name__)
+
+# Writers wait this long for SQLite's single write lock instead of failing at once.
+SQLITE_BUSY_TIMEOUT_MS = 5_000
+
+
+def create_database_engine(url: str) -> AsyncEngine:
+    engine = create_async_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
+    log.info("database %s", make_url(url).render_as_string(hide_password=True))
+    return engine
+
+
+def _configure_sqlite_connection(dbapi_connection, _connection_record) -> None:
+    # Per-connection settings: WAL lets readers run alongside the writer, and SQLite ignores
+    # foreign keys (so ON DELETE CASCADE) unless asked on every connection.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    finally:
+        cursor.close()
+
+
+def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # expire_on_commit=False: rows stay readable after commit without another (async-unsafe) lazy load.
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def create_tables(engine: AsyncEngine) -> None:
+    """Create missing tables; Alembic migrations replace this once the schema starts to evolve."""
+    async with engine.begin() as connection:
+        await connection.run_sync(Base.metadata.create_all)
+
+
+async def check_connection(engine: AsyncEngine) -> None:
+    """Raise unless the database answers a trivial query."""
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))

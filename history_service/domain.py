@@ -1,0 +1,90 @@
+"""What the history service stores, independent of SQL and of protobuf.
+
+The repository returns these, the servicer turns them into protos; neither side leaks into the other.
+"""
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class MessageStatus(StrEnum):
+    COMPLETE = "complete"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Conversation:
+    id: str
+    user_id: str
+    title: str
+    created_at: datetime
+    updated_at: datetime
+    message_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    # Insertion order inside the database; the cursor for paging, never shown to clients.
+    pk: int
+    id: str
+    conversation_id: str
+    parent_message_id: str | None
+    role: Role
+    content: str
+    status: MessageStatus
+    client_message_id: str | None
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    conversation_id: str
+    role: Role
+    content: str
+    status: MessageStatus = MessageStatus.COMPLETE
+    # Idempotency key unique within the conversation; None means every append stores a new message.
+    client_message_id: str | None = None
+    model: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    parent_message_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    message: Message
+    # True when the client_message_id was already stored and `message` is that earlier message.
+    duplicate: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationCursor:
+    """Position after the last conversation of a page, in (updated_at desc, id desc) order."""
+
+    updated_at: datetime
+    conversation_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationPage:
+    conversations: list[Conversation]
+    next_cursor: ConversationCursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    messages: list[Message]
+    # pk of the last message of this page, or None on the last page.
+    next_after_pk: int | None

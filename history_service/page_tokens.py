@@ -1,0 +1,73 @@
+"""Opaque page tokens: urlsafe base64 of a small JSON array tagged with what it pages over.
+
+Clients must treat tokens as opaque; the tag makes a token from one list useless for another, and anything
+that does not decode to the expected shape is InvalidArgument rather than a crash.
+"""
+
+import base64
+import binascii
+import json
+from datetime import datetime
+
+from duplex.common.errors import InvalidArgument
+from history_service.domain import ConversationCursor
+from history_service.repository import canonical_id
+
+CONVERSATIONS_TAG = "c"
+MESSAGES_TAG = "m"
+
+
+def encode_conversation_token(cursor: ConversationCursor) -> str:
+    return _encode([CONVERSATIONS_TAG, cursor.updated_at.isoformat(timespec="microseconds"), cursor.conversation_id])
+
+
+def decode_conversation_token(token: str) -> ConversationCursor | None:
+    """None for the first page (empty token)."""
+    if not token:
+        return None
+    fields = _decode(token, CONVERSATIONS_TAG, field_count=2)
+    updated_at_text, conversation_id = fields
+    if not isinstance(updated_at_text, str) or not isinstance(conversation_id, str):
+        raise _invalid()
+    try:
+        updated_at = datetime.fromisoformat(updated_at_text)
+    except ValueError:
+        raise _invalid() from None
+    if updated_at.tzinfo is None or canonical_id(conversation_id) != conversation_id:
+        raise _invalid()
+    return ConversationCursor(updated_at, conversation_id)
+
+
+def encode_message_token(after_pk: int) -> str:
+    return _encode([MESSAGES_TAG, after_pk])
+
+
+def decode_message_token(token: str) -> int | None:
+    """None for the first page (empty token)."""
+    if not token:
+        return None
+    (after_pk,) = _decode(token, MESSAGES_TAG, field_count=1)
+    # bool is an int in Python; a real cursor is never one.
+    if not isinstance(after_pk, int) or isinstance(after_pk, bool) or after_pk < 0:
+        raise _invalid()
+    return after_pk
+
+
+def _encode(payload: list) -> str:
+    raw = json.dumps(payload, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode(token: str, tag: str, field_count: int) -> list:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        payload = json.loads(raw)
+    except (binascii.Error, ValueError):
+        raise _invalid() from None
+    if not isinstance(payload, list) or len(payload) != field_count + 1 or payload[0] != tag:
+        raise _invalid()
+    return payload[1:]
+
+
+def _invalid() -> InvalidArgument:
+    return InvalidArgument("invalid page_token")
