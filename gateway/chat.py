@@ -116,7 +116,7 @@ def _validate_id(name: str, value: str, required: bool = False) -> None:
 
 def cancel_running_turn(hub: SessionHub | None, turn_id: str) -> bool:
     turn = hub.turn if hub is not None else None
-    if turn is None or (turn_id and turn_id != turn.id):
+    if turn is None or turn.answered or (turn_id and turn_id != turn.id):
         return False  # already ended (its terminal event says how) or running on another replica
     turn.cancel()
     return True
