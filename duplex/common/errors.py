@@ -72,6 +72,18 @@ class Internal(DuplexError):
 
 _BY_CODE = {cls.code: cls for cls in DuplexError.__subclasses__()}
 GENERIC_INTERNAL_MESSAGE = "internal error"
+# Trailing metadata that carries a retry-after hint between services (milliseconds).
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                return int(value) / 1000
+            except ValueError:
+                return None
+    return None
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> DuplexError:
@@ -80,8 +92,8 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> DuplexError:
     if cls is Internal or error.code() == grpc.StatusCode.UNKNOWN:
         return Internal(f"{service} failed")
     if error.code() == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"{service} is unavailable")
-    return cls(error.details() or f"{service} answered {error.code().name}")
+        return Unavailable(f"{service} is unavailable", retry_after=_retry_after(error))
+    return cls(error.details() or f"{service} answered {error.code().name}", retry_after=_retry_after(error))
 
 
 def to_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -93,6 +105,8 @@ def to_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
 
 async def _abort(context: grpc.aio.ServicerContext, error: Exception):
     code, message = to_status(error)
+    if isinstance(error, DuplexError) and error.retry_after:
+        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(error.retry_after * 1000))),))
     await context.abort(code, message)
 
 

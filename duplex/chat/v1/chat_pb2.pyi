@@ -34,18 +34,20 @@ class ChatRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[OpenSession, _Mapping]] = ..., message: _Optional[_Union[UserMessage, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
 
 class OpenSession(_message.Message):
-    __slots__ = ("session_id", "conversation_id", "model", "system_prompt", "resume_after_seq")
+    __slots__ = ("session_id", "conversation_id", "model", "system_prompt", "resume_after_seq", "persona")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESUME_AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     conversation_id: str
     model: str
     system_prompt: str
     resume_after_seq: int
-    def __init__(self, session_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., resume_after_seq: _Optional[int] = ...) -> None: ...
+    persona: str
+    def __init__(self, session_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., resume_after_seq: _Optional[int] = ..., persona: _Optional[str] = ...) -> None: ...
 
 class UserMessage(_message.Message):
     __slots__ = ("client_message_id", "text")
@@ -74,18 +76,20 @@ class ChatResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[ChatEvent, _Mapping]] = ...) -> None: ...
 
 class SendMessageRequest(_message.Message):
-    __slots__ = ("session_id", "message", "conversation_id", "model", "system_prompt")
+    __slots__ = ("session_id", "message", "conversation_id", "model", "system_prompt", "persona")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     message: UserMessage
     conversation_id: str
     model: str
     system_prompt: str
-    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[_Union[UserMessage, _Mapping]] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ...) -> None: ...
+    persona: str
+    def __init__(self, session_id: _Optional[str] = ..., message: _Optional[_Union[UserMessage, _Mapping]] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., persona: _Optional[str] = ...) -> None: ...
 
 class SendMessageResponse(_message.Message):
     __slots__ = ("event",)
@@ -122,7 +126,7 @@ class ResumeStreamResponse(_message.Message):
     def __init__(self, event: _Optional[_Union[ChatEvent, _Mapping]] = ...) -> None: ...
 
 class ChatEvent(_message.Message):
-    __slots__ = ("seq", "session_id", "turn_id", "time", "session_opened", "message_accepted", "turn_started", "delta", "tool_call", "tool_result", "turn_completed", "turn_cancelled", "error", "pong")
+    __slots__ = ("seq", "session_id", "turn_id", "time", "session_opened", "message_accepted", "turn_started", "delta", "tool_call", "tool_result", "turn_completed", "turn_cancelled", "error", "pong", "quota")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +141,7 @@ class ChatEvent(_message.Message):
     TURN_CANCELLED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
     seq: int
     session_id: str
     turn_id: str
@@ -151,21 +156,24 @@ class ChatEvent(_message.Message):
     turn_cancelled: TurnCancelled
     error: ChatError
     pong: Pong
-    def __init__(self, seq: _Optional[int] = ..., session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., session_opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., message_accepted: _Optional[_Union[MessageAccepted, _Mapping]] = ..., turn_started: _Optional[_Union[TurnStarted, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., turn_completed: _Optional[_Union[TurnCompleted, _Mapping]] = ..., turn_cancelled: _Optional[_Union[TurnCancelled, _Mapping]] = ..., error: _Optional[_Union[ChatError, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ...) -> None: ...
+    quota: QuotaUpdate
+    def __init__(self, seq: _Optional[int] = ..., session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., session_opened: _Optional[_Union[SessionOpened, _Mapping]] = ..., message_accepted: _Optional[_Union[MessageAccepted, _Mapping]] = ..., turn_started: _Optional[_Union[TurnStarted, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., tool_call: _Optional[_Union[ToolCall, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., turn_completed: _Optional[_Union[TurnCompleted, _Mapping]] = ..., turn_cancelled: _Optional[_Union[TurnCancelled, _Mapping]] = ..., error: _Optional[_Union[ChatError, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., quota: _Optional[_Union[QuotaUpdate, _Mapping]] = ...) -> None: ...
 
 class SessionOpened(_message.Message):
-    __slots__ = ("session_id", "conversation_id", "resumed", "model", "last_seq")
+    __slots__ = ("session_id", "conversation_id", "resumed", "model", "persona", "last_seq")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     conversation_id: str
     resumed: bool
     model: str
+    persona: str
     last_seq: int
-    def __init__(self, session_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., resumed: _Optional[bool] = ..., model: _Optional[str] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    def __init__(self, session_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., resumed: _Optional[bool] = ..., model: _Optional[str] = ..., persona: _Optional[str] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class MessageAccepted(_message.Message):
     __slots__ = ("message_id", "client_message_id", "duplicate")
@@ -254,6 +262,14 @@ class ChatError(_message.Message):
     retryable: bool
     retry_after: _duration_pb2.Duration
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., retryable: _Optional[bool] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class QuotaUpdate(_message.Message):
+    __slots__ = ("messages_remaining", "tokens_remaining")
+    MESSAGES_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    messages_remaining: int
+    tokens_remaining: int
+    def __init__(self, messages_remaining: _Optional[int] = ..., tokens_remaining: _Optional[int] = ...) -> None: ...
 
 class Pong(_message.Message):
     __slots__ = ("nonce",)

@@ -22,48 +22,83 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64uplex/history/v1/history.proto\x12\x11\x64uplex.history.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbe\x01\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x06 \x01(\r\"\xac\x02\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.duplex.history.v1.Role\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x30\n\x06status\x18\x05 \x01(\x0e\x32 .duplex.history.v1.MessageStatus\x12\x19\n\x11\x63lient_message_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\t \x01(\r\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\";\n\x19\x43reateConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\"S\n\x1a\x43reateConversationResponse\x12\x35\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1f.duplex.history.v1.Conversation\"B\n\x16GetConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"P\n\x17GetConversationResponse\x12\x35\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1f.duplex.history.v1.Conversation\"R\n\x18ListConversationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x19ListConversationsResponse\x12\x36\n\rconversations\x18\x01 \x03(\x0b\x32\x1f.duplex.history.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x19\x44\x65leteConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"\x1c\n\x1a\x44\x65leteConversationResponse\"\x86\x02\n\x14\x41ppendMessageRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.duplex.history.v1.Role\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x30\n\x06status\x18\x05 \x01(\x0e\x32 .duplex.history.v1.MessageStatus\x12\x19\n\x11\x63lient_message_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\t \x01(\r\"W\n\x15\x41ppendMessageResponse\x12+\n\x07message\x18\x01 \x01(\x0b\x32\x1a.duplex.history.v1.Message\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"f\n\x13ListMessagesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"]\n\x14ListMessagesResponse\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.duplex.history.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\xa4\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x02\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x03\x12\x18\n\x14MESSAGE_STATUS_ERROR\x10\x04\x32\x95\x05\n\x0eHistoryService\x12q\n\x12\x43reateConversation\x12,.duplex.history.v1.CreateConversationRequest\x1a-.duplex.history.v1.CreateConversationResponse\x12h\n\x0fGetConversation\x12).duplex.history.v1.GetConversationRequest\x1a*.duplex.history.v1.GetConversationResponse\x12n\n\x11ListConversations\x12+.duplex.history.v1.ListConversationsRequest\x1a,.duplex.history.v1.ListConversationsResponse\x12q\n\x12\x44\x65leteConversation\x12,.duplex.history.v1.DeleteConversationRequest\x1a-.duplex.history.v1.DeleteConversationResponse\x12\x62\n\rAppendMessage\x12\'.duplex.history.v1.AppendMessageRequest\x1a(.duplex.history.v1.AppendMessageResponse\x12_\n\x0cListMessages\x12&.duplex.history.v1.ListMessagesRequest\x1a\'.duplex.history.v1.ListMessagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64uplex/history/v1/history.proto\x12\x11\x64uplex.history.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbe\x01\n\x0c\x43onversation\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12.\n\ncreated_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rmessage_count\x18\x06 \x01(\r\"\x89\x03\n\x07Message\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.duplex.history.v1.Role\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x30\n\x06status\x18\x05 \x01(\x0e\x32 .duplex.history.v1.MessageStatus\x12\x19\n\x11\x63lient_message_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\t \x01(\r\x12.\n\ncreated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0ftool_calls_json\x18\x0b \x01(\t\x12\x14\n\x0ctool_call_id\x18\x0c \x01(\t\x12\x11\n\ttool_name\x18\r \x01(\t\x12\x19\n\x11parent_message_id\x18\x0e \x01(\t\";\n\x19\x43reateConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\"S\n\x1a\x43reateConversationResponse\x12\x35\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1f.duplex.history.v1.Conversation\"B\n\x16GetConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"P\n\x17GetConversationResponse\x12\x35\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1f.duplex.history.v1.Conversation\"R\n\x18ListConversationsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"l\n\x19ListConversationsResponse\x12\x36\n\rconversations\x18\x01 \x03(\x0b\x32\x1f.duplex.history.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x19\x44\x65leteConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"\x1c\n\x1a\x44\x65leteConversationResponse\"\xe3\x02\n\x14\x41ppendMessageRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12%\n\x04role\x18\x03 \x01(\x0e\x32\x17.duplex.history.v1.Role\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x30\n\x06status\x18\x05 \x01(\x0e\x32 .duplex.history.v1.MessageStatus\x12\x19\n\x11\x63lient_message_id\x18\x06 \x01(\t\x12\r\n\x05model\x18\x07 \x01(\t\x12\x15\n\rprompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\t \x01(\r\x12\x17\n\x0ftool_calls_json\x18\n \x01(\t\x12\x14\n\x0ctool_call_id\x18\x0b \x01(\t\x12\x11\n\ttool_name\x18\x0c \x01(\t\x12\x19\n\x11parent_message_id\x18\r \x01(\t\"W\n\x15\x41ppendMessageResponse\x12+\n\x07message\x18\x01 \x01(\x0b\x32\x1a.duplex.history.v1.Message\x12\x11\n\tduplicate\x18\x02 \x01(\x08\"f\n\x13ListMessagesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"]\n\x14ListMessagesResponse\x12,\n\x08messages\x18\x01 \x03(\x0b\x32\x1a.duplex.history.v1.Message\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"T\n\x19RenameConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\"S\n\x1aRenameConversationResponse\x12\x35\n\x0c\x63onversation\x18\x01 \x01(\x0b\x32\x1f.duplex.history.v1.Conversation\"^\n\x15SearchMessagesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"e\n\tSearchHit\x12+\n\x07message\x18\x01 \x01(\x0b\x32\x1a.duplex.history.v1.Message\x12\x1a\n\x12\x63onversation_title\x18\x02 \x01(\t\x12\x0f\n\x07snippet\x18\x03 \x01(\t\"]\n\x16SearchMessagesResponse\x12*\n\x04hits\x18\x01 \x03(\x0b\x32\x1c.duplex.history.v1.SearchHit\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"v\n\x19\x45xportConversationRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12/\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1f.duplex.history.v1.ExportFormat\"U\n\x1a\x45xportConversationResponse\x12\x0f\n\x07\x63ontent\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\"D\n\x0fGetUsageRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rom_day\x18\x02 \x01(\t\x12\x0e\n\x06to_day\x18\x03 \x01(\t\"m\n\x0bUsageRecord\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x04 \x01(\x04\x12\x10\n\x08messages\x18\x05 \x01(\r\"C\n\x10GetUsageResponse\x12/\n\x07records\x18\x01 \x03(\x0b\x32\x1e.duplex.history.v1.UsageRecord\"\xb5\x01\n\x17RecordSessionEndRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1a\n\x18RecordSessionEndResponse\"\x90\x02\n\rSessionRecord\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12.\n\nstarted_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07summary\x18\x06 \x01(\t\x12\x36\n\x06status\x18\x07 \x01(\x0e\x32&.duplex.history.v1.SessionRecordStatus\"E\n\x19ListSessionRecordsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\"O\n\x1aListSessionRecordsResponse\x12\x31\n\x07records\x18\x01 \x03(\x0b\x32 .duplex.history.v1.SessionRecord*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\xa4\x01\n\rMessageStatus\x12\x1e\n\x1aMESSAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17MESSAGE_STATUS_COMPLETE\x10\x01\x12\x1c\n\x18MESSAGE_STATUS_CANCELLED\x10\x02\x12\x1e\n\x1aMESSAGE_STATUS_INTERRUPTED\x10\x03\x12\x18\n\x14MESSAGE_STATUS_ERROR\x10\x04*a\n\x0c\x45xportFormat\x12\x1d\n\x19\x45XPORT_FORMAT_UNSPECIFIED\x10\x00\x12\x16\n\x12\x45XPORT_FORMAT_JSON\x10\x01\x12\x1a\n\x16\x45XPORT_FORMAT_MARKDOWN\x10\x02*\xa1\x01\n\x13SessionRecordStatus\x12%\n!SESSION_RECORD_STATUS_UNSPECIFIED\x10\x00\x12!\n\x1dSESSION_RECORD_STATUS_PENDING\x10\x01\x12\x1e\n\x1aSESSION_RECORD_STATUS_DONE\x10\x02\x12 \n\x1cSESSION_RECORD_STATUS_FAILED\x10\x03\x32\x97\n\n\x0eHistoryService\x12q\n\x12\x43reateConversation\x12,.duplex.history.v1.CreateConversationRequest\x1a-.duplex.history.v1.CreateConversationResponse\x12h\n\x0fGetConversation\x12).duplex.history.v1.GetConversationRequest\x1a*.duplex.history.v1.GetConversationResponse\x12n\n\x11ListConversations\x12+.duplex.history.v1.ListConversationsRequest\x1a,.duplex.history.v1.ListConversationsResponse\x12q\n\x12\x44\x65leteConversation\x12,.duplex.history.v1.DeleteConversationRequest\x1a-.duplex.history.v1.DeleteConversationResponse\x12\x62\n\rAppendMessage\x12\'.duplex.history.v1.AppendMessageRequest\x1a(.duplex.history.v1.AppendMessageResponse\x12_\n\x0cListMessages\x12&.duplex.history.v1.ListMessagesRequest\x1a\'.duplex.history.v1.ListMessagesResponse\x12q\n\x12RenameConversation\x12,.duplex.history.v1.RenameConversationRequest\x1a-.duplex.history.v1.RenameConversationResponse\x12\x65\n\x0eSearchMessages\x12(.duplex.history.v1.SearchMessagesRequest\x1a).duplex.history.v1.SearchMessagesResponse\x12q\n\x12\x45xportConversation\x12,.duplex.history.v1.ExportConversationRequest\x1a-.duplex.history.v1.ExportConversationResponse\x12S\n\x08GetUsage\x12\".duplex.history.v1.GetUsageRequest\x1a#.duplex.history.v1.GetUsageResponse\x12k\n\x10RecordSessionEnd\x12*.duplex.history.v1.RecordSessionEndRequest\x1a+.duplex.history.v1.RecordSessionEndResponse\x12q\n\x12ListSessionRecords\x12,.duplex.history.v1.ListSessionRecordsRequest\x1a-.duplex.history.v1.ListSessionRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duplex.history.v1.history_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1727
-  _globals['_ROLE']._serialized_end=1807
-  _globals['_MESSAGESTATUS']._serialized_start=1810
-  _globals['_MESSAGESTATUS']._serialized_end=1974
-  _globals['_CONVERSATION']._serialized_start=88
-  _globals['_CONVERSATION']._serialized_end=278
-  _globals['_MESSAGE']._serialized_start=281
-  _globals['_MESSAGE']._serialized_end=581
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=583
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=642
-  _globals['_CREATECONVERSATIONRESPONSE']._serialized_start=644
-  _globals['_CREATECONVERSATIONRESPONSE']._serialized_end=727
-  _globals['_GETCONVERSATIONREQUEST']._serialized_start=729
-  _globals['_GETCONVERSATIONREQUEST']._serialized_end=795
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=797
-  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=877
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=879
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=961
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=963
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=1071
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=1073
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=1142
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1144
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1172
-  _globals['_APPENDMESSAGEREQUEST']._serialized_start=1175
-  _globals['_APPENDMESSAGEREQUEST']._serialized_end=1437
-  _globals['_APPENDMESSAGERESPONSE']._serialized_start=1439
-  _globals['_APPENDMESSAGERESPONSE']._serialized_end=1526
-  _globals['_LISTMESSAGESREQUEST']._serialized_start=1528
-  _globals['_LISTMESSAGESREQUEST']._serialized_end=1630
-  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1632
-  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1725
-  _globals['_HISTORYSERVICE']._serialized_start=1977
-  _globals['_HISTORYSERVICE']._serialized_end=2638
+  _globals['_ROLE']._serialized_start=3506
+  _globals['_ROLE']._serialized_end=3601
+  _globals['_MESSAGESTATUS']._serialized_start=3604
+  _globals['_MESSAGESTATUS']._serialized_end=3768
+  _globals['_EXPORTFORMAT']._serialized_start=3770
+  _globals['_EXPORTFORMAT']._serialized_end=3867
+  _globals['_SESSIONRECORDSTATUS']._serialized_start=3870
+  _globals['_SESSIONRECORDSTATUS']._serialized_end=4031
+  _globals['_CONVERSATION']._serialized_start=120
+  _globals['_CONVERSATION']._serialized_end=310
+  _globals['_MESSAGE']._serialized_start=313
+  _globals['_MESSAGE']._serialized_end=706
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=708
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=767
+  _globals['_CREATECONVERSATIONRESPONSE']._serialized_start=769
+  _globals['_CREATECONVERSATIONRESPONSE']._serialized_end=852
+  _globals['_GETCONVERSATIONREQUEST']._serialized_start=854
+  _globals['_GETCONVERSATIONREQUEST']._serialized_end=920
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_start=922
+  _globals['_GETCONVERSATIONRESPONSE']._serialized_end=1002
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=1004
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=1086
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=1088
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=1196
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=1198
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=1267
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1269
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1297
+  _globals['_APPENDMESSAGEREQUEST']._serialized_start=1300
+  _globals['_APPENDMESSAGEREQUEST']._serialized_end=1655
+  _globals['_APPENDMESSAGERESPONSE']._serialized_start=1657
+  _globals['_APPENDMESSAGERESPONSE']._serialized_end=1744
+  _globals['_LISTMESSAGESREQUEST']._serialized_start=1746
+  _globals['_LISTMESSAGESREQUEST']._serialized_end=1848
+  _globals['_LISTMESSAGESRESPONSE']._serialized_start=1850
+  _globals['_LISTMESSAGESRESPONSE']._serialized_end=1943
+  _globals['_RENAMECONVERSATIONREQUEST']._serialized_start=1945
+  _globals['_RENAMECONVERSATIONREQUEST']._serialized_end=2029
+  _globals['_RENAMECONVERSATIONRESPONSE']._serialized_start=2031
+  _globals['_RENAMECONVERSATIONRESPONSE']._serialized_end=2114
+  _globals['_SEARCHMESSAGESREQUEST']._serialized_start=2116
+  _globals['_SEARCHMESSAGESREQUEST']._serialized_end=2210
+  _globals['_SEARCHHIT']._serialized_start=2212
+  _globals['_SEARCHHIT']._serialized_end=2313
+  _globals['_SEARCHMESSAGESRESPONSE']._serialized_start=2315
+  _globals['_SEARCHMESSAGESRESPONSE']._serialized_end=2408
+  _globals['_EXPORTCONVERSATIONREQUEST']._serialized_start=2410
+  _globals['_EXPORTCONVERSATIONREQUEST']._serialized_end=2528
+  _globals['_EXPORTCONVERSATIONRESPONSE']._serialized_start=2530
+  _globals['_EXPORTCONVERSATIONRESPONSE']._serialized_end=2615
+  _globals['_GETUSAGEREQUEST']._serialized_start=2617
+  _globals['_GETUSAGEREQUEST']._serialized_end=2685
+  _globals['_USAGERECORD']._serialized_start=2687
+  _globals['_USAGERECORD']._serialized_end=2796
+  _globals['_GETUSAGERESPONSE']._serialized_start=2798
+  _globals['_GETUSAGERESPONSE']._serialized_end=2865
+  _globals['_RECORDSESSIONENDREQUEST']._serialized_start=2868
+  _globals['_RECORDSESSIONENDREQUEST']._serialized_end=3049
+  _globals['_RECORDSESSIONENDRESPONSE']._serialized_start=3051
+  _globals['_RECORDSESSIONENDRESPONSE']._serialized_end=3077
+  _globals['_SESSIONRECORD']._serialized_start=3080
+  _globals['_SESSIONRECORD']._serialized_end=3352
+  _globals['_LISTSESSIONRECORDSREQUEST']._serialized_start=3354
+  _globals['_LISTSESSIONRECORDSREQUEST']._serialized_end=3423
+  _globals['_LISTSESSIONRECORDSRESPONSE']._serialized_start=3425
+  _globals['_LISTSESSIONRECORDSRESPONSE']._serialized_end=3504
+  _globals['_HISTORYSERVICE']._serialized_start=4034
+  _globals['_HISTORYSERVICE']._serialized_end=5337
 # @@protoc_insertion_point(module_scope)

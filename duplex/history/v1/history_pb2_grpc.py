@@ -66,6 +66,36 @@ class HistoryServiceStub:
                 request_serializer=duplex_dot_history_dot_v1_dot_history__pb2.ListMessagesRequest.SerializeToString,
                 response_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.ListMessagesResponse.FromString,
                 _registered_method=True)
+        self.RenameConversation = channel.unary_unary(
+                '/duplex.history.v1.HistoryService/RenameConversation',
+                request_serializer=duplex_dot_history_dot_v1_dot_history__pb2.RenameConversationRequest.SerializeToString,
+                response_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.RenameConversationResponse.FromString,
+                _registered_method=True)
+        self.SearchMessages = channel.unary_unary(
+                '/duplex.history.v1.HistoryService/SearchMessages',
+                request_serializer=duplex_dot_history_dot_v1_dot_history__pb2.SearchMessagesRequest.SerializeToString,
+                response_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.SearchMessagesResponse.FromString,
+                _registered_method=True)
+        self.ExportConversation = channel.unary_unary(
+                '/duplex.history.v1.HistoryService/ExportConversation',
+                request_serializer=duplex_dot_history_dot_v1_dot_history__pb2.ExportConversationRequest.SerializeToString,
+                response_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.ExportConversationResponse.FromString,
+                _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/duplex.history.v1.HistoryService/GetUsage',
+                request_serializer=duplex_dot_history_dot_v1_dot_history__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
+        self.RecordSessionEnd = channel.unary_unary(
+                '/duplex.history.v1.HistoryService/RecordSessionEnd',
+                request_serializer=duplex_dot_history_dot_v1_dot_history__pb2.RecordSessionEndRequest.SerializeToString,
+                response_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.RecordSessionEndResponse.FromString,
+                _registered_method=True)
+        self.ListSessionRecords = channel.unary_unary(
+                '/duplex.history.v1.HistoryService/ListSessionRecords',
+                request_serializer=duplex_dot_history_dot_v1_dot_history__pb2.ListSessionRecordsRequest.SerializeToString,
+                response_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.ListSessionRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class HistoryServiceServicer:
@@ -115,6 +145,48 @@ class HistoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenameConversation(self, request, context):
+        """RenameConversation sets a conversation's title.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchMessages(self, request, context):
+        """SearchMessages finds the user's messages matching a full-text query, best matches first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportConversation(self, request, context):
+        """ExportConversation renders a conversation with all its messages as JSON or Markdown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetUsage(self, request, context):
+        """GetUsage returns the user's token usage per model per day.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordSessionEnd(self, request, context):
+        """RecordSessionEnd records that a session ended and queues a durable job that writes its summary.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSessionRecords(self, request, context):
+        """ListSessionRecords lists the recorded sessions of a conversation, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_HistoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +219,36 @@ def add_HistoryServiceServicer_to_server(servicer, server):
                     servicer.ListMessages,
                     request_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.ListMessagesRequest.FromString,
                     response_serializer=duplex_dot_history_dot_v1_dot_history__pb2.ListMessagesResponse.SerializeToString,
+            ),
+            'RenameConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenameConversation,
+                    request_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.RenameConversationRequest.FromString,
+                    response_serializer=duplex_dot_history_dot_v1_dot_history__pb2.RenameConversationResponse.SerializeToString,
+            ),
+            'SearchMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchMessages,
+                    request_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.SearchMessagesRequest.FromString,
+                    response_serializer=duplex_dot_history_dot_v1_dot_history__pb2.SearchMessagesResponse.SerializeToString,
+            ),
+            'ExportConversation': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExportConversation,
+                    request_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.ExportConversationRequest.FromString,
+                    response_serializer=duplex_dot_history_dot_v1_dot_history__pb2.ExportConversationResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.GetUsageRequest.FromString,
+                    response_serializer=duplex_dot_history_dot_v1_dot_history__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'RecordSessionEnd': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordSessionEnd,
+                    request_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.RecordSessionEndRequest.FromString,
+                    response_serializer=duplex_dot_history_dot_v1_dot_history__pb2.RecordSessionEndResponse.SerializeToString,
+            ),
+            'ListSessionRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSessionRecords,
+                    request_deserializer=duplex_dot_history_dot_v1_dot_history__pb2.ListSessionRecordsRequest.FromString,
+                    response_serializer=duplex_dot_history_dot_v1_dot_history__pb2.ListSessionRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -313,6 +415,168 @@ class HistoryService:
             '/duplex.history.v1.HistoryService/ListMessages',
             duplex_dot_history_dot_v1_dot_history__pb2.ListMessagesRequest.SerializeToString,
             duplex_dot_history_dot_v1_dot_history__pb2.ListMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenameConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.history.v1.HistoryService/RenameConversation',
+            duplex_dot_history_dot_v1_dot_history__pb2.RenameConversationRequest.SerializeToString,
+            duplex_dot_history_dot_v1_dot_history__pb2.RenameConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.history.v1.HistoryService/SearchMessages',
+            duplex_dot_history_dot_v1_dot_history__pb2.SearchMessagesRequest.SerializeToString,
+            duplex_dot_history_dot_v1_dot_history__pb2.SearchMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportConversation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.history.v1.HistoryService/ExportConversation',
+            duplex_dot_history_dot_v1_dot_history__pb2.ExportConversationRequest.SerializeToString,
+            duplex_dot_history_dot_v1_dot_history__pb2.ExportConversationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.history.v1.HistoryService/GetUsage',
+            duplex_dot_history_dot_v1_dot_history__pb2.GetUsageRequest.SerializeToString,
+            duplex_dot_history_dot_v1_dot_history__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordSessionEnd(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.history.v1.HistoryService/RecordSessionEnd',
+            duplex_dot_history_dot_v1_dot_history__pb2.RecordSessionEndRequest.SerializeToString,
+            duplex_dot_history_dot_v1_dot_history__pb2.RecordSessionEndResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSessionRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.history.v1.HistoryService/ListSessionRecords',
+            duplex_dot_history_dot_v1_dot_history__pb2.ListSessionRecordsRequest.SerializeToString,
+            duplex_dot_history_dot_v1_dot_history__pb2.ListSessionRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

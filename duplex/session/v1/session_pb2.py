@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64uplex/session/v1/session.proto\x12\x11\x64uplex.session.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf7\x01\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x08 \x01(\x04\x12\x16\n\x0e\x61\x63tive_turn_id\x18\t \x01(\t\"K\n\x08LogEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"x\n\x12OpenSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\"S\n\x13OpenSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"8\n\x11GetSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"A\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session\":\n\x13\x43loseSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"H\n\x10\x42\x65ginTurnRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\"%\n\x11\x42\x65ginTurnResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\"5\n\x0e\x45ndTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\x11\n\x0f\x45ndTurnResponse\"V\n\x13\x41ppendEventsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.duplex.session.v1.LogEvent\"(\n\x14\x41ppendEventsResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\"[\n\x11ReadEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"A\n\x12ReadEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.duplex.session.v1.LogEvent2\x92\x05\n\x0eSessionService\x12\\\n\x0bOpenSession\x12%.duplex.session.v1.OpenSessionRequest\x1a&.duplex.session.v1.OpenSessionResponse\x12Y\n\nGetSession\x12$.duplex.session.v1.GetSessionRequest\x1a%.duplex.session.v1.GetSessionResponse\x12_\n\x0c\x43loseSession\x12&.duplex.session.v1.CloseSessionRequest\x1a\'.duplex.session.v1.CloseSessionResponse\x12V\n\tBeginTurn\x12#.duplex.session.v1.BeginTurnRequest\x1a$.duplex.session.v1.BeginTurnResponse\x12P\n\x07\x45ndTurn\x12!.duplex.session.v1.EndTurnRequest\x1a\".duplex.session.v1.EndTurnResponse\x12_\n\x0c\x41ppendEvents\x12&.duplex.session.v1.AppendEventsRequest\x1a\'.duplex.session.v1.AppendEventsResponse\x12[\n\nReadEvents\x12$.duplex.session.v1.ReadEventsRequest\x1a%.duplex.session.v1.ReadEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64uplex/session/v1/session.proto\x12\x11\x64uplex.session.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x08 \x01(\x04\x12\x16\n\x0e\x61\x63tive_turn_id\x18\t \x01(\t\x12\x0f\n\x07persona\x18\n \x01(\t\x12\x19\n\x11\x61\x63tive_turn_owner\x18\x0b \x01(\t\"C\n\x0bQuotaStatus\x12\x1a\n\x12messages_remaining\x18\x01 \x01(\r\x12\x18\n\x10tokens_remaining\x18\x02 \x01(\x04\"K\n\x08LogEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"\x89\x01\n\x12OpenSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12\x0f\n\x07persona\x18\x06 \x01(\t\"S\n\x13OpenSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"8\n\x11GetSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"A\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session\":\n\x13\x43loseSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"W\n\x10\x42\x65ginTurnRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\"T\n\x11\x42\x65ginTurnResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\x12-\n\x05quota\x18\x02 \x01(\x0b\x32\x1e.duplex.session.v1.QuotaStatus\"E\n\x0e\x45ndTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\"\x11\n\x0f\x45ndTurnResponse\"V\n\x13\x41ppendEventsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.duplex.session.v1.LogEvent\"(\n\x14\x41ppendEventsResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\"[\n\x11ReadEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"A\n\x12ReadEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.duplex.session.v1.LogEvent2\x92\x05\n\x0eSessionService\x12\\\n\x0bOpenSession\x12%.duplex.session.v1.OpenSessionRequest\x1a&.duplex.session.v1.OpenSessionResponse\x12Y\n\nGetSession\x12$.duplex.session.v1.GetSessionRequest\x1a%.duplex.session.v1.GetSessionResponse\x12_\n\x0c\x43loseSession\x12&.duplex.session.v1.CloseSessionRequest\x1a\'.duplex.session.v1.CloseSessionResponse\x12V\n\tBeginTurn\x12#.duplex.session.v1.BeginTurnRequest\x1a$.duplex.session.v1.BeginTurnResponse\x12P\n\x07\x45ndTurn\x12!.duplex.session.v1.EndTurnRequest\x1a\".duplex.session.v1.EndTurnResponse\x12_\n\x0c\x41ppendEvents\x12&.duplex.session.v1.AppendEventsRequest\x1a\'.duplex.session.v1.AppendEventsResponse\x12[\n\nReadEvents\x12$.duplex.session.v1.ReadEventsRequest\x1a%.duplex.session.v1.ReadEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,37 +33,39 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duplex.session.v1.session_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SESSION']._serialized_start=88
-  _globals['_SESSION']._serialized_end=335
-  _globals['_LOGEVENT']._serialized_start=337
-  _globals['_LOGEVENT']._serialized_end=412
-  _globals['_OPENSESSIONREQUEST']._serialized_start=414
-  _globals['_OPENSESSIONREQUEST']._serialized_end=534
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=536
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=619
-  _globals['_GETSESSIONREQUEST']._serialized_start=621
-  _globals['_GETSESSIONREQUEST']._serialized_end=677
-  _globals['_GETSESSIONRESPONSE']._serialized_start=679
-  _globals['_GETSESSIONRESPONSE']._serialized_end=744
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=746
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=804
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=806
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=828
-  _globals['_BEGINTURNREQUEST']._serialized_start=830
-  _globals['_BEGINTURNREQUEST']._serialized_end=902
-  _globals['_BEGINTURNRESPONSE']._serialized_start=904
-  _globals['_BEGINTURNRESPONSE']._serialized_end=941
-  _globals['_ENDTURNREQUEST']._serialized_start=943
-  _globals['_ENDTURNREQUEST']._serialized_end=996
-  _globals['_ENDTURNRESPONSE']._serialized_start=998
-  _globals['_ENDTURNRESPONSE']._serialized_end=1015
-  _globals['_APPENDEVENTSREQUEST']._serialized_start=1017
-  _globals['_APPENDEVENTSREQUEST']._serialized_end=1103
-  _globals['_APPENDEVENTSRESPONSE']._serialized_start=1105
-  _globals['_APPENDEVENTSRESPONSE']._serialized_end=1145
-  _globals['_READEVENTSREQUEST']._serialized_start=1147
-  _globals['_READEVENTSREQUEST']._serialized_end=1238
-  _globals['_READEVENTSRESPONSE']._serialized_start=1240
-  _globals['_READEVENTSRESPONSE']._serialized_end=1305
-  _globals['_SESSIONSERVICE']._serialized_start=1308
-  _globals['_SESSIONSERVICE']._serialized_end=1966
+  _globals['_SESSION']._serialized_end=379
+  _globals['_QUOTASTATUS']._serialized_start=381
+  _globals['_QUOTASTATUS']._serialized_end=448
+  _globals['_LOGEVENT']._serialized_start=450
+  _globals['_LOGEVENT']._serialized_end=525
+  _globals['_OPENSESSIONREQUEST']._serialized_start=528
+  _globals['_OPENSESSIONREQUEST']._serialized_end=665
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=667
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=750
+  _globals['_GETSESSIONREQUEST']._serialized_start=752
+  _globals['_GETSESSIONREQUEST']._serialized_end=808
+  _globals['_GETSESSIONRESPONSE']._serialized_start=810
+  _globals['_GETSESSIONRESPONSE']._serialized_end=875
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=877
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=935
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=937
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=959
+  _globals['_BEGINTURNREQUEST']._serialized_start=961
+  _globals['_BEGINTURNREQUEST']._serialized_end=1048
+  _globals['_BEGINTURNRESPONSE']._serialized_start=1050
+  _globals['_BEGINTURNRESPONSE']._serialized_end=1134
+  _globals['_ENDTURNREQUEST']._serialized_start=1136
+  _globals['_ENDTURNREQUEST']._serialized_end=1205
+  _globals['_ENDTURNRESPONSE']._serialized_start=1207
+  _globals['_ENDTURNRESPONSE']._serialized_end=1224
+  _globals['_APPENDEVENTSREQUEST']._serialized_start=1226
+  _globals['_APPENDEVENTSREQUEST']._serialized_end=1312
+  _globals['_APPENDEVENTSRESPONSE']._serialized_start=1314
+  _globals['_APPENDEVENTSRESPONSE']._serialized_end=1354
+  _globals['_READEVENTSREQUEST']._serialized_start=1356
+  _globals['_READEVENTSREQUEST']._serialized_end=1447
+  _globals['_READEVENTSRESPONSE']._serialized_start=1449
+  _globals['_READEVENTSRESPONSE']._serialized_end=1514
+  _globals['_SESSIONSERVICE']._serialized_start=1517
+  _globals['_SESSIONSERVICE']._serialized_end=2175
 # @@protoc_insertion_point(module_scope)

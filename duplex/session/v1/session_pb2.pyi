@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "user_id", "conversation_id", "model", "system_prompt", "created_at", "expires_at", "last_seq", "active_turn_id")
+    __slots__ = ("session_id", "user_id", "conversation_id", "model", "system_prompt", "created_at", "expires_at", "last_seq", "active_turn_id", "persona", "active_turn_owner")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +20,8 @@ class Session(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_TURN_OWNER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     user_id: str
     conversation_id: str
@@ -29,7 +31,17 @@ class Session(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     last_seq: int
     active_turn_id: str
-    def __init__(self, session_id: _Optional[str] = ..., user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., active_turn_id: _Optional[str] = ...) -> None: ...
+    persona: str
+    active_turn_owner: str
+    def __init__(self, session_id: _Optional[str] = ..., user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., active_turn_id: _Optional[str] = ..., persona: _Optional[str] = ..., active_turn_owner: _Optional[str] = ...) -> None: ...
+
+class QuotaStatus(_message.Message):
+    __slots__ = ("messages_remaining", "tokens_remaining")
+    MESSAGES_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    messages_remaining: int
+    tokens_remaining: int
+    def __init__(self, messages_remaining: _Optional[int] = ..., tokens_remaining: _Optional[int] = ...) -> None: ...
 
 class LogEvent(_message.Message):
     __slots__ = ("seq", "turn_id", "payload", "terminal")
@@ -44,18 +56,20 @@ class LogEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., turn_id: _Optional[str] = ..., payload: _Optional[bytes] = ..., terminal: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("user_id", "session_id", "conversation_id", "model", "system_prompt")
+    __slots__ = ("user_id", "session_id", "conversation_id", "model", "system_prompt", "persona")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PERSONA_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     session_id: str
     conversation_id: str
     model: str
     system_prompt: str
-    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ...) -> None: ...
+    persona: str
+    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., persona: _Optional[str] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session", "resumed")
@@ -92,28 +106,34 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BeginTurnRequest(_message.Message):
-    __slots__ = ("user_id", "session_id", "turn_id")
+    __slots__ = ("user_id", "session_id", "turn_id", "owner")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     session_id: str
     turn_id: str
-    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., turn_id: _Optional[str] = ...) -> None: ...
+    owner: str
+    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class BeginTurnResponse(_message.Message):
-    __slots__ = ("last_seq",)
+    __slots__ = ("last_seq", "quota")
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_FIELD_NUMBER: _ClassVar[int]
     last_seq: int
-    def __init__(self, last_seq: _Optional[int] = ...) -> None: ...
+    quota: QuotaStatus
+    def __init__(self, last_seq: _Optional[int] = ..., quota: _Optional[_Union[QuotaStatus, _Mapping]] = ...) -> None: ...
 
 class EndTurnRequest(_message.Message):
-    __slots__ = ("session_id", "turn_id")
+    __slots__ = ("session_id", "turn_id", "tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     turn_id: str
-    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ...) -> None: ...
+    tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class EndTurnResponse(_message.Message):
     __slots__ = ()
