@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
 from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgument, OutOfRange
+from gateway import personas
 from gateway.hub import HubRegistry, SessionHub, is_terminal
 from gateway.identity import LocalIdentity
 from gateway.settings import GatewaySettings
@@ -36,7 +37,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def SendMessage(self, request: chat_pb2.SendMessageRequest, context):
         user_id = self._identity.user_id(context)
         session, last_seq, opened = await self.open_session(
-            user_id, request.session_id, request.conversation_id, request.model, request.system_prompt
+            user_id, request.session_id, request.conversation_id, request.model, request.system_prompt,
+            request.persona,
         )
         yield chat_pb2.SendMessageResponse(event=opened)
         async with self.hubs.attached(session.session_id, user_id, last_seq) as hub:
@@ -79,9 +81,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             yield chat_pb2.ChatEvent.FromString(logged.payload)
 
     async def open_session(
-        self, user_id: str, session_id: str, conversation_id: str, model: str, system_prompt: str
+        self, user_id: str, session_id: str, conversation_id: str, model: str, system_prompt: str, persona: str
     ) -> tuple[SessionContext, int, chat_pb2.ChatEvent]:
         """Create or re-attach to a session; returns it, its last seq and the session_opened event."""
+        personas.validate_persona(persona)
         _validate_id("session_id", session_id)
         _validate_id("conversation_id", conversation_id)
         _validate_id("model", model)
@@ -93,14 +96,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 await history.get_conversation(user_id, conversation_id)  # NOT_FOUND unless the user's
             else:
                 conversation_id = (await history.create_conversation(user_id)).conversation_id
-        opened = await sessions.open(user_id, session_id, conversation_id, model, system_prompt)
+        opened = await sessions.open(user_id, session_id, conversation_id, model, system_prompt, persona)
         s = opened.session
-        context = SessionContext(s.session_id, user_id, s.conversation_id, s.model, s.system_prompt)
+        context = SessionContext(s.session_id, user_id, s.conversation_id, s.model, s.system_prompt, s.persona)
         event = chat_pb2.ChatEvent(
             session_id=s.session_id,
             session_opened=chat_pb2.SessionOpened(
                 session_id=s.session_id, conversation_id=s.conversation_id, resumed=opened.resumed,
-                model=s.model, last_seq=s.last_seq,
+                model=s.model, persona=s.persona, last_seq=s.last_seq,
             ),
         )
         event.time.GetCurrentTime()
@@ -185,7 +188,7 @@ class ChatConnection:
             raise FailedPrecondition("a session is already open on this stream")
         session, last_seq, opened = await self._servicer.open_session(
             self._user_id, open_request.session_id, open_request.conversation_id, open_request.model,
-            open_request.system_prompt,
+            open_request.system_prompt, open_request.persona,
         )
         self._session = session
         self._hub = self._servicer.hubs.acquire(session.session_id, self._user_id, last_seq)

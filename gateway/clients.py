@@ -33,11 +33,11 @@ class SessionClient:
     @_translated("session service")
     async def open(
         self, user_id: str, session_id: str = "", conversation_id: str = "", model: str = "",
-        system_prompt: str = "",
+        system_prompt: str = "", persona: str = "",
     ) -> session_pb2.OpenSessionResponse:
         request = session_pb2.OpenSessionRequest(
             user_id=user_id, session_id=session_id, conversation_id=conversation_id, model=model,
-            system_prompt=system_prompt,
+            system_prompt=system_prompt, persona=persona,
         )
         return await self._stub.OpenSession(request, timeout=self._timeout)
 
@@ -47,13 +47,15 @@ class SessionClient:
         return (await self._stub.GetSession(request, timeout=self._timeout)).session
 
     @_translated("session service")
-    async def begin_turn(self, user_id: str, session_id: str, turn_id: str) -> int:
-        request = session_pb2.BeginTurnRequest(user_id=user_id, session_id=session_id, turn_id=turn_id)
-        return (await self._stub.BeginTurn(request, timeout=self._timeout)).last_seq
+    async def begin_turn(
+        self, user_id: str, session_id: str, turn_id: str, owner: str
+    ) -> session_pb2.BeginTurnResponse:
+        request = session_pb2.BeginTurnRequest(user_id=user_id, session_id=session_id, turn_id=turn_id, owner=owner)
+        return await self._stub.BeginTurn(request, timeout=self._timeout)
 
     @_translated("session service")
-    async def end_turn(self, session_id: str, turn_id: str) -> None:
-        request = session_pb2.EndTurnRequest(session_id=session_id, turn_id=turn_id)
+    async def end_turn(self, session_id: str, turn_id: str, tokens: int = 0) -> None:
+        request = session_pb2.EndTurnRequest(session_id=session_id, turn_id=turn_id, tokens=tokens)
         await self._stub.EndTurn(request, timeout=self._timeout)
 
     @_translated("session service")
@@ -105,6 +107,12 @@ class HistoryClient:
             user_id=user_id, conversation_id=conversation_id, page_size=1000, page_token=page_token
         )
         return await self._stub.ListMessages(request, timeout=self._timeout)
+
+
+    @_translated("history service")
+    async def search_messages(self, user_id: str, query: str, limit: int) -> list[history_pb2.SearchHit]:
+        request = history_pb2.SearchMessagesRequest(user_id=user_id, query=query, page_size=limit)
+        return list((await self._stub.SearchMessages(request, timeout=self._timeout)).hits)
 
 
 class LlmClient:

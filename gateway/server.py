@@ -3,6 +3,9 @@
 import asyncio
 import contextlib
 import logging
+import os
+import socket
+import uuid
 
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
 from duplex.common.logs import configure_logging
@@ -12,6 +15,7 @@ from gateway.clients import HistoryClient, LlmClient, SessionClient
 from gateway.hub import HubRegistry
 from gateway.identity import LocalIdentity
 from gateway.settings import GatewaySettings
+from gateway.tools import ToolRegistry, builtin_tools
 from gateway.turn import Services, TurnManager
 
 log = logging.getLogger(__name__)
@@ -31,9 +35,10 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
         sessions=SessionClient(channels["session service"], settings.rpc_timeout_seconds),
         history=HistoryClient(channels["history service"], settings.rpc_timeout_seconds),
         llm=LlmClient(channels["llm service"]),
+        tools=ToolRegistry(builtin_tools(), settings.tool_timeout_seconds),
     )
     hubs = HubRegistry(services.sessions, settings.hub_buffer_events, settings.event_flush_interval_seconds)
-    turns = TurnManager(services, hubs, settings)
+    turns = TurnManager(services, hubs, settings, owner=replica_id())
     servicer = ChatServicer(services, hubs, turns, LocalIdentity(settings.local_user_id), settings)
     server = GrpcServer([SERVICE_NAME], lambda s: chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, s))
 
@@ -51,6 +56,11 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     watcher = asyncio.create_task(_watch_dependencies(server, channels, settings), name="dependency-watch")
     server.on_stop(lambda: _cancel(watcher))
     return server
+
+
+def replica_id() -> str:
+    """Names this gateway process as the owner of the turns it runs."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
 async def _watch_dependencies(server: GrpcServer, channels: dict, settings: GatewaySettings) -> None:

@@ -13,6 +13,9 @@ class GatewaySettings(ServiceSettings):
     rpc_timeout_seconds: float = 10.0
     turn_timeout_seconds: float = 300.0
     max_message_chars: int = 32_000
+    # Model calls per turn that may ask for tools; the call after the last one must answer in text.
+    max_tool_rounds: int = 4
+    tool_timeout_seconds: float = 10.0
     # How many earlier messages of the conversation the model sees.
     context_messages: int = 50
     # Events reach the session log in batches at most this often.

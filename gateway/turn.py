@@ -1,5 +1,5 @@
 """A turn: one user message and the assistant's answer, from message_accepted to exactly one of
-turn_completed / turn_cancelled / error.
+turn_completed / turn_cancelled / error, with tool rounds in between.
 
 A turn runs in its own task, owned by TurnManager rather than by the client's stream, so a dropped
 connection does not stop it; only an explicit cancel (or the gateway stopping) does.
@@ -9,23 +9,31 @@ import asyncio
 import logging
 import time
 import uuid
-from collections import deque
 from dataclasses import dataclass
 
 from google.protobuf.duration_pb2 import Duration
 
 from duplex.chat.v1 import chat_pb2
-from duplex.common.errors import DuplexError, FailedPrecondition, Internal, InvalidArgument, Unavailable
+from duplex.common.errors import (
+    DeadlineExceeded,
+    DuplexError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    Unavailable,
+)
 from duplex.history.v1 import history_pb2
 from duplex.llm.v1 import llm_pb2
+from gateway import personas
 from gateway.clients import HistoryClient, LlmClient, SessionClient
+from gateway.context import ConversationContext, tool_calls_json
 from gateway.hub import HubRegistry, SessionHub, is_terminal
 from gateway.settings import GatewaySettings
+from gateway.tools import ToolContext, ToolRegistry
 
 log = logging.getLogger(__name__)
 
 MAX_CLIENT_MESSAGE_ID_CHARS = 128
-_LLM_ROLES = {history_pb2.ROLE_USER: llm_pb2.ROLE_USER, history_pb2.ROLE_ASSISTANT: llm_pb2.ROLE_ASSISTANT}
 _FINISH_REASONS = {
     llm_pb2.FINISH_REASON_STOP: chat_pb2.FINISH_REASON_STOP,
     llm_pb2.FINISH_REASON_LENGTH: chat_pb2.FINISH_REASON_LENGTH,
@@ -42,6 +50,7 @@ class SessionContext:
     conversation_id: str
     model: str
     system_prompt: str
+    persona: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,7 @@ class Services:
     sessions: SessionClient
     history: HistoryClient
     llm: LlmClient
+    tools: ToolRegistry
 
 
 def error_event(error: DuplexError, turn_id: str = "") -> chat_pb2.ChatEvent:
@@ -58,6 +68,17 @@ def error_event(error: DuplexError, turn_id: str = "") -> chat_pb2.ChatEvent:
     return chat_pb2.ChatEvent(turn_id=turn_id, error=chat_error)
 
 
+@dataclass
+class Round:
+    """One call to the model: its text, the tools it asked for and its token counts."""
+
+    text: str = ""
+    tool_calls: tuple[llm_pb2.ToolCall, ...] = ()
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: int = llm_pb2.FINISH_REASON_UNSPECIFIED
+
+
 class Turn:
     def __init__(
         self, hub: SessionHub, session: SessionContext, message: chat_pb2.UserMessage, services: Services,
@@ -65,28 +86,24 @@ class Turn:
     ):
         self.id = uuid.uuid4().hex
         self.client_message_id = message.client_message_id
+        self.user_message_id = ""
         self.hub = hub
         self.session = session
         self._services = services
         self._settings = settings
-        self.user_message_id = ""
         self._answered = False
+        self._announced = False
         self._finished = asyncio.Event()
         self._producer: asyncio.Task | None = None
         self._cancel_requested = False
-        self._text: list[str] = []
         self._model = session.model
-        self._prompt_tokens = 0
+        self._round = Round()
+        self._prompt_tokens = 0  # of finished rounds
         self._completion_tokens = 0
         self._started_at = time.monotonic()
+        self._deadline = self._started_at + settings.turn_timeout_seconds
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
-
-    def cancel(self) -> None:
-        """Stop the answer; closing the llm stream closes the provider's upstream request."""
-        self._cancel_requested = True
-        if self._producer is not None:
-            self._producer.cancel()
 
     @property
     def answered(self) -> bool:
@@ -95,6 +112,12 @@ class Turn:
 
     async def wait_finished(self) -> None:
         await self._finished.wait()
+
+    def cancel(self) -> None:
+        """Stop the answer; closing the llm stream closes the provider's upstream request."""
+        self._cancel_requested = True
+        if self._producer is not None:
+            self._producer.cancel()
 
     async def run(self) -> None:
         try:
@@ -127,52 +150,100 @@ class Turn:
             await self._end_completed(finish_reason)
 
     async def _produce(self) -> int:
-        request = llm_pb2.GenerateRequest(model=self.session.model, messages=await self._context_messages())
-        stream = self._services.llm.generate(request, timeout=self._settings.turn_timeout_seconds)
-        async for response in stream:
+        """Call the model, running the tools it asks for, until it answers (bounded rounds)."""
+        context = await ConversationContext.load(
+            self._services.history, self.session.user_id, self.session.conversation_id,
+            self._settings.context_messages,
+        )
+        system_prompt = personas.system_prompt(
+            self.session.persona, self.session.system_prompt, self._settings.default_system_prompt,
+            context.first_user_text,
+        )
+        messages = [llm_pb2.Message(role=llm_pb2.ROLE_SYSTEM, content=system_prompt), *context.messages]
+        for round_number in range(self._settings.max_tool_rounds + 1):
+            allow_tools = round_number < self._settings.max_tool_rounds
+            await self._generate(messages, allow_tools)
+            if not self._round.tool_calls:
+                return self._round.finish_reason
+            messages += await self._run_tools(round_number)
+            self._close_round()
+        raise Internal("the model kept asking for tools")
+
+    async def _generate(self, messages: list[llm_pb2.Message], allow_tools: bool) -> None:
+        tools = self._services.tools.definitions() if allow_tools else []
+        request = llm_pb2.GenerateRequest(model=self.session.model, messages=messages, tools=tools)
+        calls: list[llm_pb2.ToolCall] = []
+        async for response in self._services.llm.generate(request, timeout=self._remaining()):
             kind = response.WhichOneof("kind")
             if kind == "started":
                 self._on_started(response.started)
             elif kind == "chunk":
                 self._on_chunk(response.chunk)
+            elif kind == "tool_call":
+                calls.append(response.tool_call)
+                self._publish(chat_pb2.ChatEvent(tool_call=chat_pb2.ToolCall(
+                    call_id=response.tool_call.id, name=response.tool_call.name,
+                    arguments_json=response.tool_call.arguments_json,
+                )))
             elif kind == "finished":
-                self._prompt_tokens = response.finished.prompt_tokens
-                self._completion_tokens = response.finished.completion_tokens
-                return response.finished.finish_reason
+                self._round.prompt_tokens = response.finished.prompt_tokens
+                self._round.completion_tokens = response.finished.completion_tokens
+                self._round.finish_reason = response.finished.finish_reason
+                self._round.tool_calls = tuple(calls)
+                return
         raise Unavailable("the model's stream ended before it finished")
 
-    async def _context_messages(self) -> list[llm_pb2.Message]:
-        recent: deque[history_pb2.Message] = deque(maxlen=self._settings.context_messages)
-        page_token = ""
-        while True:
-            page = await self._services.history.list_messages(
-                self.session.user_id, self.session.conversation_id, page_token
-            )
-            recent.extend(page.messages)
-            page_token = page.next_page_token
-            if not page_token:
-                break
-        system_prompt = self.session.system_prompt or self._settings.default_system_prompt
-        messages = [llm_pb2.Message(role=llm_pb2.ROLE_SYSTEM, content=system_prompt)]
-        messages += [
-            llm_pb2.Message(role=_LLM_ROLES[m.role], content=m.content)
-            for m in recent
-            if m.role in _LLM_ROLES and m.content
-        ]
+    async def _run_tools(self, round_number: int) -> list[llm_pb2.Message]:
+        """Run the round's tool calls as this user; store and publish each result; return the messages
+        that carry the calls and results back to the model."""
+        calls = self._round.tool_calls
+        await self._store(history_pb2.AppendMessageRequest(
+            role=history_pb2.ROLE_ASSISTANT, content=self._round.text, tool_calls_json=tool_calls_json(list(calls)),
+            client_message_id=f"turn:{self.id}:round:{round_number}", model=self._model,
+        ))
+        context = ToolContext(user_id=self.session.user_id, history=self._services.history)
+        results = await asyncio.gather(
+            *(self._services.tools.run(call.name, call.arguments_json, context) for call in calls)
+        )
+        messages = [llm_pb2.Message(role=llm_pb2.ROLE_ASSISTANT, content=self._round.text, tool_calls=calls)]
+        for call, (result_json, is_error) in zip(calls, results, strict=True):
+            self._publish(chat_pb2.ChatEvent(tool_result=chat_pb2.ToolResult(
+                call_id=call.id, name=call.name, result_json=result_json, is_error=is_error,
+            )))
+            await self._store(history_pb2.AppendMessageRequest(
+                role=history_pb2.ROLE_TOOL, content=result_json, tool_call_id=call.id, tool_name=call.name,
+                client_message_id=f"turn:{self.id}:tool:{call.id}",
+            ))
+            messages.append(llm_pb2.Message(
+                role=llm_pb2.ROLE_TOOL, content=result_json, tool_call_id=call.id, name=call.name
+            ))
         return messages
 
+    def _close_round(self) -> None:
+        self._prompt_tokens += self._round.prompt_tokens
+        self._completion_tokens += self._round.completion_tokens
+        self._round = Round()
+
+    def _remaining(self) -> float:
+        remaining = self._deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded("the answer took longer than the turn's time limit")
+        return remaining
+
     def _on_started(self, started: llm_pb2.GenerateStarted) -> None:
-        self._model = started.model
-        self._prompt_tokens = started.prompt_tokens
-        turn_started = chat_pb2.TurnStarted(user_message_id=self.user_message_id, model=started.model)
-        self._publish(chat_pb2.ChatEvent(turn_started=turn_started))
+        self._round.prompt_tokens = started.prompt_tokens
+        self._model = started.model  # the model that answers (a fallback may differ from the one asked for)
+        if not self._announced:  # once per turn, not per tool round
+            self._announced = True
+            turn_started = chat_pb2.TurnStarted(user_message_id=self.user_message_id, model=started.model)
+            self._publish(chat_pb2.ChatEvent(turn_started=turn_started))
 
     def _on_chunk(self, chunk: llm_pb2.TextChunk) -> None:
         now = time.monotonic()
         self._first_token_at = self._first_token_at or now
         self._last_token_at = now
-        self._text.append(chunk.text)
-        self._completion_tokens += chunk.token_count
+        self._round.text += chunk.text
+        self._round.completion_tokens += chunk.token_count
         self._publish(chat_pb2.ChatEvent(delta=chat_pb2.TextDelta(text=chunk.text)))
 
     def _publish(self, event: chat_pb2.ChatEvent) -> None:
@@ -181,20 +252,27 @@ class Turn:
         self._answered = is_terminal(event)
 
     def _usage(self) -> chat_pb2.Usage:
-        return chat_pb2.Usage(prompt_tokens=self._prompt_tokens, completion_tokens=self._completion_tokens)
+        return chat_pb2.Usage(
+            prompt_tokens=self._prompt_tokens + self._round.prompt_tokens,
+            completion_tokens=self._completion_tokens + self._round.completion_tokens,
+        )
+
+    async def _store(self, request: history_pb2.AppendMessageRequest) -> str:
+        request.user_id = self.session.user_id
+        request.conversation_id = self.session.conversation_id
+        return (await self._services.history.append_message(request)).message.message_id
 
     async def _store_reply(self, status: int) -> str:
         """Store the answer (whole or partial) once per turn; returns its message id."""
-        request = history_pb2.AppendMessageRequest(
-            user_id=self.session.user_id, conversation_id=self.session.conversation_id,
-            role=history_pb2.ROLE_ASSISTANT, content="".join(self._text), status=status,
+        usage = self._usage()
+        return await self._store(history_pb2.AppendMessageRequest(
+            role=history_pb2.ROLE_ASSISTANT, content=self._round.text, status=status,
             client_message_id=f"turn:{self.id}", model=self._model,
-            prompt_tokens=self._prompt_tokens, completion_tokens=self._completion_tokens,
-        )
-        return (await self._services.history.append_message(request)).message.message_id
+            prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
+        ))
 
     async def _store_partial(self, status: int) -> str:
-        if not self._text:
+        if not self._round.text:
             return ""
         try:
             return await self._store_reply(status)
@@ -220,7 +298,7 @@ class Turn:
     def _tokens_per_second(self) -> float:
         if self._first_token_at is None or self._last_token_at == self._first_token_at:
             return 0.0
-        return self._completion_tokens / (self._last_token_at - self._first_token_at)
+        return self._usage().completion_tokens / (self._last_token_at - self._first_token_at)
 
     async def _end_cancelled(self) -> None:
         message_id = await self._store_partial(history_pb2.MESSAGE_STATUS_CANCELLED)
@@ -241,8 +319,11 @@ class Turn:
             await self.hub.flush()
         except DuplexError as error:
             log.warning("turn %s: events not logged yet (%s); the flusher retries", self.id, error.message)
+        usage = self._usage()
         try:
-            await self._services.sessions.end_turn(self.session.session_id, self.id)
+            await self._services.sessions.end_turn(
+                self.session.session_id, self.id, usage.prompt_tokens + usage.completion_tokens
+            )
         except DuplexError as error:
             log.warning("turn %s: could not mark the turn ended: %s", self.id, error.message)
 
@@ -265,10 +346,11 @@ def _duration(seconds: float) -> Duration:
 class TurnManager:
     """Starts turns and owns their tasks; on shutdown it interrupts and awaits them."""
 
-    def __init__(self, services: Services, hubs: HubRegistry, settings: GatewaySettings):
+    def __init__(self, services: Services, hubs: HubRegistry, settings: GatewaySettings, owner: str):
         self._services = services
         self._hubs = hubs
         self._settings = settings
+        self._owner = owner
         self._tasks: set[asyncio.Task] = set()
 
     async def start(
@@ -291,7 +373,9 @@ class TurnManager:
         hub.turn = turn  # reserved before the first await, so concurrent messages are refused
         started = False
         try:
-            last_seq = await self._services.sessions.begin_turn(session.user_id, session.session_id, turn.id)
+            begun = await self._services.sessions.begin_turn(
+                session.user_id, session.session_id, turn.id, self._owner
+            )
             try:
                 stored = await self._services.history.append_message(self._user_message(session, message))
             except BaseException:
@@ -306,10 +390,15 @@ class TurnManager:
             if not started:
                 hub.turn = None
                 hub.wake()
-        hub.restart_at(last_seq)
+        hub.restart_at(begun.last_seq)
         accepted = _accepted(session, message, turn.user_message_id, duplicate=False)
         accepted.turn_id = turn.id
         event = hub.publish(accepted)
+        if begun.HasField("quota"):
+            quota = chat_pb2.QuotaUpdate(
+                messages_remaining=begun.quota.messages_remaining, tokens_remaining=begun.quota.tokens_remaining
+            )
+            hub.publish(chat_pb2.ChatEvent(turn_id=turn.id, quota=quota))
         self._hubs.acquire(hub.session_id, hub.user_id, hub.last_seq)  # the turn's own reference
         task = asyncio.create_task(self._run(turn), name=f"turn-run-{turn.id}")
         self._tasks.add(task)
@@ -331,10 +420,11 @@ class TurnManager:
             log.warning("turn %s: could not release the session: %s", turn.id, error.message)
 
     def _validate(self, message: chat_pb2.UserMessage) -> None:
+        limit = self._settings.max_message_chars
         if not message.text.strip():
             raise InvalidArgument("message text is empty")
-        if len(message.text) > self._settings.max_message_chars:
-            raise InvalidArgument(f"message text is longer than {self._settings.max_message_chars} characters")
+        if len(message.text) > limit:
+            raise InvalidArgument(f"message text is longer than {limit} characters")
         if len(message.client_message_id) > MAX_CLIENT_MESSAGE_ID_CHARS:
             raise InvalidArgument(f"client_message_id is longer than {MAX_CLIENT_MESSAGE_ID_CHARS} characters")
 
