@@ -59,6 +59,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         hub = self.hubs.get(request.session_id)
         return chat_pb2.CancelTurnResponse(cancelled=cancel_running_turn(hub, request.turn_id))
 
+    async def CloseSession(self, request: chat_pb2.CloseSessionRequest, context) -> chat_pb2.CloseSessionResponse:
+        user_id = self._identity.user_id(context)
+        _validate_id("session_id", request.session_id, required=True)
+        await self.services.sessions.get(user_id, request.session_id)  # NOT_FOUND unless the user's
+        hub = self.hubs.get(request.session_id)
+        turn = hub.turn if hub is not None else None
+        if cancel_running_turn(hub, ""):
+            await turn.wait_finished()  # the cancelled turn still ends, with usage, before the log goes
+        await self.services.sessions.close(user_id, request.session_id)
+        return chat_pb2.CloseSessionResponse()
+
     async def ResumeStream(self, request: chat_pb2.ResumeStreamRequest, context):
         user_id = self._identity.user_id(context)
         _validate_id("session_id", request.session_id, required=True)

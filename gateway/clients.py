@@ -47,6 +47,11 @@ class SessionClient:
         return (await self._stub.GetSession(request, timeout=self._timeout)).session
 
     @_translated("session service")
+    async def close(self, user_id: str, session_id: str) -> None:
+        request = session_pb2.CloseSessionRequest(user_id=user_id, session_id=session_id)
+        await self._stub.CloseSession(request, timeout=self._timeout)
+
+    @_translated("session service")
     async def begin_turn(
         self, user_id: str, session_id: str, turn_id: str, owner: str
     ) -> session_pb2.BeginTurnResponse:

@@ -7,11 +7,12 @@ import os
 import socket
 import uuid
 
-from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
+from duplex.chat.v1 import chat_pb2, chat_pb2_grpc, conversation_pb2, conversation_pb2_grpc
 from duplex.common.logs import configure_logging
 from duplex.common.server import GrpcServer, insecure_channel, is_serving, serve_until_signal
 from gateway.chat import ChatServicer
 from gateway.clients import HistoryClient, LlmClient, SessionClient
+from gateway.conversations import ConversationServicer
 from gateway.hub import HubRegistry
 from gateway.identity import LocalIdentity
 from gateway.settings import GatewaySettings
@@ -20,7 +21,10 @@ from gateway.turn import Services, TurnManager
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+SERVICE_NAMES = (
+    chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name,
+    conversation_pb2.DESCRIPTOR.services_by_name["ConversationService"].full_name,
+)
 DEPENDENCIES = {
     "llm service": ("llm_target", "duplex.llm.v1.LlmService"),
     "session service": ("session_target", "duplex.session.v1.SessionService"),
@@ -39,8 +43,15 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     )
     hubs = HubRegistry(services.sessions, settings.hub_buffer_events, settings.event_flush_interval_seconds)
     turns = TurnManager(services, hubs, settings, owner=replica_id())
-    servicer = ChatServicer(services, hubs, turns, LocalIdentity(settings.local_user_id), settings)
-    server = GrpcServer([SERVICE_NAME], lambda s: chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, s))
+    identity = LocalIdentity(settings.local_user_id)
+    chat = ChatServicer(services, hubs, turns, identity, settings)
+    conversations = ConversationServicer(services.history, identity)
+
+    def register(server) -> None:
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(chat, server)
+        conversation_pb2_grpc.add_ConversationServiceServicer_to_server(conversations, server)
+
+    server = GrpcServer(SERVICE_NAMES, register)
 
     async def close_channels() -> None:
         for channel in channels.values():

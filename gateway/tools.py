@@ -158,7 +158,7 @@ async def search_history(context: ToolContext, arguments: dict) -> dict:
     if not query:
         raise ToolError("query is required")
     limit = max(1, min(int(arguments.get("limit", 5) or 5), MAX_SEARCH_RESULTS))
-    hits = await context.history.search_messages(context.user_id, query, limit)
+    hits = (await context.history.search_messages(context.user_id, query, limit)).hits
     return {
         "query": query,
         "results": [

@@ -86,6 +86,8 @@ class Turn:
     ):
         self.id = uuid.uuid4().hex
         self.client_message_id = message.client_message_id
+        self._user_text = message.text
+        self._first_turn = False
         self.user_message_id = ""
         self.hub = hub
         self.session = session
@@ -160,6 +162,7 @@ class Turn:
             context.first_user_text,
         )
         messages = [llm_pb2.Message(role=llm_pb2.ROLE_SYSTEM, content=system_prompt), *context.messages]
+        self._first_turn = len(context.messages) == 1  # only this turn's own message
         for round_number in range(self._settings.max_tool_rounds + 1):
             allow_tools = round_number < self._settings.max_tool_rounds
             await self._generate(messages, allow_tools)
@@ -326,6 +329,28 @@ class Turn:
             )
         except DuplexError as error:
             log.warning("turn %s: could not mark the turn ended: %s", self.id, error.message)
+        if self._first_turn and self._round.finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED:
+            await self._name_conversation()
+
+    async def _name_conversation(self) -> None:
+        """After a conversation's first answer, title it after the user's opening message."""
+        try:
+            await self._services.history.rename_conversation(
+                self.session.user_id, self.session.conversation_id, title_from(self._user_text)
+            )
+        except DuplexError as error:
+            log.warning("turn %s: conversation not titled: %s", self.id, error.message)
+
+
+TITLE_CHARS = 60
+
+
+def title_from(text: str) -> str:
+    """The first words of a message, cut at a word boundary."""
+    words = " ".join(text.split())
+    if len(words) <= TITLE_CHARS:
+        return words
+    return words[:TITLE_CHARS].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
 
 
 def _accepted(

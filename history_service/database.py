@@ -5,8 +5,6 @@ import logging
 from sqlalchemy import event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
-from history_service.models import Base
-
 log = logging.getLogger(__name__)
 
 # Writers wait this long for SQLite's single write lock instead of failing at once.
@@ -17,8 +15,13 @@ def create_database_engine(url: str) -> AsyncEngine:
     engine = create_async_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
-    log.info("database %s", make_url(url).render_as_string(hide_password=True))
+    log.info("database %s", describe_url(url))
     return engine
+
+
+def describe_url(url: str) -> str:
+    """The URL for logs and messages: the password is masked."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 def _configure_sqlite_connection(dbapi_connection, _connection_record) -> None:
@@ -36,12 +39,6 @@ def _configure_sqlite_connection(dbapi_connection, _connection_record) -> None:
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     # expire_on_commit=False: rows stay readable after commit without another (async-unsafe) lazy load.
     return async_sessionmaker(engine, expire_on_commit=False)
-
-
-async def create_tables(engine: AsyncEngine) -> None:
-    """Create missing tables; Alembic migrations replace this once the schema starts to evolve."""
-    async with engine.begin() as connection:
-        await connection.run_sync(Base.metadata.create_all)
 
 
 async def check_connection(engine: AsyncEngine) -> None:

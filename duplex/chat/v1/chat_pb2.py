@@ -26,15 +26,15 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64uplex/chat/v1/chat.proto\x12\x0e\x64uplex.chat.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x01\n\x0b\x43hatRequest\x12+\n\x04open\x18\x01 \x01(\x0b\x32\x1b.duplex.chat.v1.OpenSessionH\x00\x12.\n\x07message\x18\x02 \x01(\x0b\x32\x1b.duplex.chat.v1.UserMessageH\x00\x12(\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x16.duplex.chat.v1.CancelH\x00\x12$\n\x04ping\x18\x04 \x01(\x0b\x32\x14.duplex.chat.v1.PingH\x00\x42\x06\n\x04kind\"\xa5\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12\x1d\n\x10resume_after_seq\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0f\n\x07persona\x18\x06 \x01(\tB\x13\n\x11_resume_after_seq\"6\n\x0bUserMessage\x12\x19\n\x11\x63lient_message_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x19\n\x06\x43\x61ncel\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\t\"8\n\x0c\x43hatResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.duplex.chat.v1.ChatEvent\"\xa6\x01\n\x12SendMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x07message\x18\x02 \x01(\x0b\x32\x1b.duplex.chat.v1.UserMessage\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12\x0f\n\x07persona\x18\x06 \x01(\t\"?\n\x13SendMessageResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.duplex.chat.v1.ChatEvent\"8\n\x11\x43\x61ncelTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\'\n\x12\x43\x61ncelTurnResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"<\n\x13ResumeStreamRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"@\n\x14ResumeStreamResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.duplex.chat.v1.ChatEvent\"\x9a\x05\n\tChatEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0esession_opened\x18\n \x01(\x0b\x32\x1d.duplex.chat.v1.SessionOpenedH\x00\x12;\n\x10message_accepted\x18\x0b \x01(\x0b\x32\x1f.duplex.chat.v1.MessageAcceptedH\x00\x12\x33\n\x0cturn_started\x18\x0c \x01(\x0b\x32\x1b.duplex.chat.v1.TurnStartedH\x00\x12*\n\x05\x64\x65lta\x18\r \x01(\x0b\x32\x19.duplex.chat.v1.TextDeltaH\x00\x12-\n\ttool_call\x18\x0e \x01(\x0b\x32\x18.duplex.chat.v1.ToolCallH\x00\x12\x31\n\x0btool_result\x18\x0f \x01(\x0b\x32\x1a.duplex.chat.v1.ToolResultH\x00\x12\x37\n\x0eturn_completed\x18\x10 \x01(\x0b\x32\x1d.duplex.chat.v1.TurnCompletedH\x00\x12\x37\n\x0eturn_cancelled\x18\x11 \x01(\x0b\x32\x1d.duplex.chat.v1.TurnCancelledH\x00\x12*\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x19.duplex.chat.v1.ChatErrorH\x00\x12$\n\x04pong\x18\x13 \x01(\x0b\x32\x14.duplex.chat.v1.PongH\x00\x12,\n\x05quota\x18\x14 \x01(\x0b\x32\x1b.duplex.chat.v1.QuotaUpdateH\x00\x42\x06\n\x04kind\"\x7f\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07persona\x18\x06 \x01(\t\x12\x10\n\x08last_seq\x18\x05 \x01(\x04\"S\n\x0fMessageAccepted\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_message_id\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"5\n\x0bTurnStarted\x12\x17\n\x0fuser_message_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"R\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\x10\n\x08is_error\x18\x04 \x01(\x08\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xdb\x01\n\rTurnCompleted\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.duplex.chat.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.duplex.chat.v1.Usage\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12\x1c\n\x14\x61ssistant_message_id\x18\x05 \x01(\t\"S\n\rTurnCancelled\x12$\n\x05usage\x18\x01 \x01(\x0b\x32\x15.duplex.chat.v1.Usage\x12\x1c\n\x14\x61ssistant_message_id\x18\x02 \x01(\t\"m\n\tChatError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"C\n\x0bQuotaUpdate\x12\x1a\n\x12messages_remaining\x18\x01 \x01(\r\x12\x18\n\x10tokens_remaining\x18\x02 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\t*\x81\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x32\xe0\x02\n\x0b\x43hatService\x12\x45\n\x04\x43hat\x12\x1b.duplex.chat.v1.ChatRequest\x1a\x1c.duplex.chat.v1.ChatResponse(\x01\x30\x01\x12X\n\x0bSendMessage\x12\".duplex.chat.v1.SendMessageRequest\x1a#.duplex.chat.v1.SendMessageResponse0\x01\x12S\n\nCancelTurn\x12!.duplex.chat.v1.CancelTurnRequest\x1a\".duplex.chat.v1.CancelTurnResponse\x12[\n\x0cResumeStream\x12#.duplex.chat.v1.ResumeStreamRequest\x1a$.duplex.chat.v1.ResumeStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64uplex/chat/v1/chat.proto\x12\x0e\x64uplex.chat.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x01\n\x0b\x43hatRequest\x12+\n\x04open\x18\x01 \x01(\x0b\x32\x1b.duplex.chat.v1.OpenSessionH\x00\x12.\n\x07message\x18\x02 \x01(\x0b\x32\x1b.duplex.chat.v1.UserMessageH\x00\x12(\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x16.duplex.chat.v1.CancelH\x00\x12$\n\x04ping\x18\x04 \x01(\x0b\x32\x14.duplex.chat.v1.PingH\x00\x42\x06\n\x04kind\"\xa5\x01\n\x0bOpenSession\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rsystem_prompt\x18\x04 \x01(\t\x12\x1d\n\x10resume_after_seq\x18\x05 \x01(\x04H\x00\x88\x01\x01\x12\x0f\n\x07persona\x18\x06 \x01(\tB\x13\n\x11_resume_after_seq\"6\n\x0bUserMessage\x12\x19\n\x11\x63lient_message_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x19\n\x06\x43\x61ncel\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\t\"8\n\x0c\x43hatResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.duplex.chat.v1.ChatEvent\"\xa6\x01\n\x12SendMessageRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\x07message\x18\x02 \x01(\x0b\x32\x1b.duplex.chat.v1.UserMessage\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12\x0f\n\x07persona\x18\x06 \x01(\t\"?\n\x13SendMessageResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.duplex.chat.v1.ChatEvent\"8\n\x11\x43\x61ncelTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\"\'\n\x12\x43\x61ncelTurnResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x08\"<\n\x13ResumeStreamRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x04\"@\n\x14ResumeStreamResponse\x12(\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x19.duplex.chat.v1.ChatEvent\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"\x9a\x05\n\tChatEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x37\n\x0esession_opened\x18\n \x01(\x0b\x32\x1d.duplex.chat.v1.SessionOpenedH\x00\x12;\n\x10message_accepted\x18\x0b \x01(\x0b\x32\x1f.duplex.chat.v1.MessageAcceptedH\x00\x12\x33\n\x0cturn_started\x18\x0c \x01(\x0b\x32\x1b.duplex.chat.v1.TurnStartedH\x00\x12*\n\x05\x64\x65lta\x18\r \x01(\x0b\x32\x19.duplex.chat.v1.TextDeltaH\x00\x12-\n\ttool_call\x18\x0e \x01(\x0b\x32\x18.duplex.chat.v1.ToolCallH\x00\x12\x31\n\x0btool_result\x18\x0f \x01(\x0b\x32\x1a.duplex.chat.v1.ToolResultH\x00\x12\x37\n\x0eturn_completed\x18\x10 \x01(\x0b\x32\x1d.duplex.chat.v1.TurnCompletedH\x00\x12\x37\n\x0eturn_cancelled\x18\x11 \x01(\x0b\x32\x1d.duplex.chat.v1.TurnCancelledH\x00\x12*\n\x05\x65rror\x18\x12 \x01(\x0b\x32\x19.duplex.chat.v1.ChatErrorH\x00\x12$\n\x04pong\x18\x13 \x01(\x0b\x32\x14.duplex.chat.v1.PongH\x00\x12,\n\x05quota\x18\x14 \x01(\x0b\x32\x1b.duplex.chat.v1.QuotaUpdateH\x00\x42\x06\n\x04kind\"\x7f\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x02 \x01(\t\x12\x0f\n\x07resumed\x18\x03 \x01(\x08\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0f\n\x07persona\x18\x06 \x01(\t\x12\x10\n\x08last_seq\x18\x05 \x01(\x04\"S\n\x0fMessageAccepted\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12\x19\n\x11\x63lient_message_id\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"5\n\x0bTurnStarted\x12\x17\n\x0fuser_message_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\"\x19\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"A\n\x08ToolCall\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"R\n\nToolResult\x12\x0f\n\x07\x63\x61ll_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\x10\n\x08is_error\x18\x04 \x01(\x08\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\xdb\x01\n\rTurnCompleted\x12\x33\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1c.duplex.chat.v1.FinishReason\x12$\n\x05usage\x18\x02 \x01(\x0b\x32\x15.duplex.chat.v1.Usage\x12\x36\n\x13time_to_first_token\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\x12\x1c\n\x14\x61ssistant_message_id\x18\x05 \x01(\t\"S\n\rTurnCancelled\x12$\n\x05usage\x18\x01 \x01(\x0b\x32\x15.duplex.chat.v1.Usage\x12\x1c\n\x14\x61ssistant_message_id\x18\x02 \x01(\t\"m\n\tChatError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tretryable\x18\x03 \x01(\x08\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\"C\n\x0bQuotaUpdate\x12\x1a\n\x12messages_remaining\x18\x01 \x01(\r\x12\x18\n\x10tokens_remaining\x18\x02 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\t*\x81\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x32\xbb\x03\n\x0b\x43hatService\x12\x45\n\x04\x43hat\x12\x1b.duplex.chat.v1.ChatRequest\x1a\x1c.duplex.chat.v1.ChatResponse(\x01\x30\x01\x12X\n\x0bSendMessage\x12\".duplex.chat.v1.SendMessageRequest\x1a#.duplex.chat.v1.SendMessageResponse0\x01\x12S\n\nCancelTurn\x12!.duplex.chat.v1.CancelTurnRequest\x1a\".duplex.chat.v1.CancelTurnResponse\x12[\n\x0cResumeStream\x12#.duplex.chat.v1.ResumeStreamRequest\x1a$.duplex.chat.v1.ResumeStreamResponse0\x01\x12Y\n\x0c\x43loseSession\x12#.duplex.chat.v1.CloseSessionRequest\x1a$.duplex.chat.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duplex.chat.v1.chat_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2786
-  _globals['_FINISHREASON']._serialized_end=2915
+  _globals['_FINISHREASON']._serialized_start=2853
+  _globals['_FINISHREASON']._serialized_end=2982
   _globals['_CHATREQUEST']._serialized_start=111
   _globals['_CHATREQUEST']._serialized_end=305
   _globals['_OPENSESSION']._serialized_start=308
@@ -59,32 +59,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESUMESTREAMREQUEST']._serialized_end=1032
   _globals['_RESUMESTREAMRESPONSE']._serialized_start=1034
   _globals['_RESUMESTREAMRESPONSE']._serialized_end=1098
-  _globals['_CHATEVENT']._serialized_start=1101
-  _globals['_CHATEVENT']._serialized_end=1767
-  _globals['_SESSIONOPENED']._serialized_start=1769
-  _globals['_SESSIONOPENED']._serialized_end=1896
-  _globals['_MESSAGEACCEPTED']._serialized_start=1898
-  _globals['_MESSAGEACCEPTED']._serialized_end=1981
-  _globals['_TURNSTARTED']._serialized_start=1983
-  _globals['_TURNSTARTED']._serialized_end=2036
-  _globals['_TEXTDELTA']._serialized_start=2038
-  _globals['_TEXTDELTA']._serialized_end=2063
-  _globals['_TOOLCALL']._serialized_start=2065
-  _globals['_TOOLCALL']._serialized_end=2130
-  _globals['_TOOLRESULT']._serialized_start=2132
-  _globals['_TOOLRESULT']._serialized_end=2214
-  _globals['_USAGE']._serialized_start=2216
-  _globals['_USAGE']._serialized_end=2273
-  _globals['_TURNCOMPLETED']._serialized_start=2276
-  _globals['_TURNCOMPLETED']._serialized_end=2495
-  _globals['_TURNCANCELLED']._serialized_start=2497
-  _globals['_TURNCANCELLED']._serialized_end=2580
-  _globals['_CHATERROR']._serialized_start=2582
-  _globals['_CHATERROR']._serialized_end=2691
-  _globals['_QUOTAUPDATE']._serialized_start=2693
-  _globals['_QUOTAUPDATE']._serialized_end=2760
-  _globals['_PONG']._serialized_start=2762
-  _globals['_PONG']._serialized_end=2783
-  _globals['_CHATSERVICE']._serialized_start=2918
-  _globals['_CHATSERVICE']._serialized_end=3270
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1100
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1141
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1143
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1165
+  _globals['_CHATEVENT']._serialized_start=1168
+  _globals['_CHATEVENT']._serialized_end=1834
+  _globals['_SESSIONOPENED']._serialized_start=1836
+  _globals['_SESSIONOPENED']._serialized_end=1963
+  _globals['_MESSAGEACCEPTED']._serialized_start=1965
+  _globals['_MESSAGEACCEPTED']._serialized_end=2048
+  _globals['_TURNSTARTED']._serialized_start=2050
+  _globals['_TURNSTARTED']._serialized_end=2103
+  _globals['_TEXTDELTA']._serialized_start=2105
+  _globals['_TEXTDELTA']._serialized_end=2130
+  _globals['_TOOLCALL']._serialized_start=2132
+  _globals['_TOOLCALL']._serialized_end=2197
+  _globals['_TOOLRESULT']._serialized_start=2199
+  _globals['_TOOLRESULT']._serialized_end=2281
+  _globals['_USAGE']._serialized_start=2283
+  _globals['_USAGE']._serialized_end=2340
+  _globals['_TURNCOMPLETED']._serialized_start=2343
+  _globals['_TURNCOMPLETED']._serialized_end=2562
+  _globals['_TURNCANCELLED']._serialized_start=2564
+  _globals['_TURNCANCELLED']._serialized_end=2647
+  _globals['_CHATERROR']._serialized_start=2649
+  _globals['_CHATERROR']._serialized_end=2758
+  _globals['_QUOTAUPDATE']._serialized_start=2760
+  _globals['_QUOTAUPDATE']._serialized_end=2827
+  _globals['_PONG']._serialized_start=2829
+  _globals['_PONG']._serialized_end=2850
+  _globals['_CHATSERVICE']._serialized_start=2985
+  _globals['_CHATSERVICE']._serialized_end=3428
 # @@protoc_insertion_point(module_scope)

@@ -125,6 +125,16 @@ class ResumeStreamResponse(_message.Message):
     event: ChatEvent
     def __init__(self, event: _Optional[_Union[ChatEvent, _Mapping]] = ...) -> None: ...
 
+class CloseSessionRequest(_message.Message):
+    __slots__ = ("session_id",)
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ChatEvent(_message.Message):
     __slots__ = ("seq", "session_id", "turn_id", "time", "session_opened", "message_accepted", "turn_started", "delta", "tool_call", "tool_result", "turn_completed", "turn_cancelled", "error", "pong", "quota")
     SEQ_FIELD_NUMBER: _ClassVar[int]

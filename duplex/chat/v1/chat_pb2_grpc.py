@@ -57,6 +57,11 @@ class ChatServiceStub:
                 request_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.ResumeStreamRequest.SerializeToString,
                 response_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.ResumeStreamResponse.FromString,
                 _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/duplex.chat.v1.ChatService/CloseSession',
+                request_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -96,6 +101,14 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CloseSession(self, request, context):
+        """CloseSession ends a session: its event log is dropped and a summary of it is written in the
+        background. A running turn is cancelled first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -118,6 +131,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.ResumeStream,
                     request_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.ResumeStreamRequest.FromString,
                     response_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.ResumeStreamResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionRequest.FromString,
+                    response_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -231,6 +249,33 @@ class ChatService:
             '/duplex.chat.v1.ChatService/ResumeStream',
             duplex_dot_chat_dot_v1_dot_chat__pb2.ResumeStreamRequest.SerializeToString,
             duplex_dot_chat_dot_v1_dot_chat__pb2.ResumeStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.chat.v1.ChatService/CloseSession',
+            duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionRequest.SerializeToString,
+            duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
