@@ -3,13 +3,13 @@
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
 from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgument, OutOfRange
 from gateway import personas
+from gateway.auth import Authenticator
 from gateway.hub import HubRegistry, SessionHub, is_terminal
-from gateway.identity import LocalIdentity
 from gateway.settings import GatewaySettings
 from gateway.turn import Services, SessionContext, TurnManager, error_event
 
@@ -21,7 +21,7 @@ _END = object()  # closes a connection's outbox
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(
-        self, services: Services, hubs: HubRegistry, turns: TurnManager, identity: LocalIdentity,
+        self, services: Services, hubs: HubRegistry, turns: TurnManager, identity: Authenticator,
         settings: GatewaySettings,
     ):
         self.services = services
@@ -32,7 +32,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def Chat(self, request_iterator, context):
         connection = ChatConnection(self, self._identity.user_id(context))
-        await connection.run(request_iterator, context)
+        await connection.run(request_iterator, context.write)
 
     async def SendMessage(self, request: chat_pb2.SendMessageRequest, context):
         user_id = self._identity.user_id(context)
@@ -149,13 +149,17 @@ class ChatConnection:
         self._follower: asyncio.Task | None = None
         self._half_closed = False
 
-    async def run(self, requests, context) -> None:
+    async def run(
+        self, requests: AsyncIterator[chat_pb2.ChatRequest], write: Callable[[chat_pb2.ChatResponse], Awaitable[None]]
+    ) -> None:
+        """Serve one connection: `requests` are what the client sends (native gRPC or WebSocket frames),
+        `write` sends one response to it."""
         reader = asyncio.create_task(self._read(requests), name="chat-reader")
         try:
             while (item := await self._outbox.get()) is not _END:
                 if isinstance(item, BaseException):
                     raise item
-                await context.write(chat_pb2.ChatResponse(event=item))
+                await write(chat_pb2.ChatResponse(event=item))
         finally:
             # A disconnect lands here too: stop reading and relaying; running turns go on.
             tasks = [task for task in (reader, self._follower) if task is not None]

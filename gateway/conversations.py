@@ -5,8 +5,8 @@ Every call acts for the authenticated user only; history_service answers NOT_FOU
 
 from duplex.chat.v1 import chat_pb2, conversation_pb2, conversation_pb2_grpc
 from duplex.history.v1 import history_pb2
+from gateway.auth import Authenticator
 from gateway.clients import HistoryClient
-from gateway.identity import LocalIdentity
 
 _ROLES = {
     history_pb2.ROLE_USER: conversation_pb2.MESSAGE_ROLE_USER,
@@ -39,7 +39,7 @@ def public_message(stored: history_pb2.Message) -> conversation_pb2.Message:
 
 
 class ConversationServicer(conversation_pb2_grpc.ConversationServiceServicer):
-    def __init__(self, history: HistoryClient, identity: LocalIdentity):
+    def __init__(self, history: HistoryClient, identity: Authenticator):
         self._history = history
         self._identity = identity
 

@@ -10,11 +10,11 @@ import uuid
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc, conversation_pb2, conversation_pb2_grpc
 from duplex.common.logs import configure_logging
 from duplex.common.server import GrpcServer, insecure_channel, is_serving, serve_until_signal
+from gateway.auth import Authenticator
 from gateway.chat import ChatServicer
 from gateway.clients import HistoryClient, LlmClient, SessionClient
 from gateway.conversations import ConversationServicer
 from gateway.hub import HubRegistry
-from gateway.identity import LocalIdentity
 from gateway.settings import GatewaySettings
 from gateway.tools import ToolRegistry, builtin_tools
 from gateway.turn import Services, TurnManager
@@ -43,7 +43,8 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     )
     hubs = HubRegistry(services.sessions, settings.hub_buffer_events, settings.event_flush_interval_seconds)
     turns = TurnManager(services, hubs, settings, owner=replica_id())
-    identity = LocalIdentity(settings.local_user_id)
+    identity = Authenticator(settings)
+    identity.warn_if_disabled()
     chat = ChatServicer(services, hubs, turns, identity, settings)
     conversations = ConversationServicer(services.history, identity)
 

@@ -1,3 +1,7 @@
+from pathlib import Path
+
+from pydantic import SecretStr, model_validator
+
 from duplex.common.settings import ServiceSettings
 
 
@@ -8,6 +12,14 @@ class GatewaySettings(ServiceSettings):
     history_target: str = "127.0.0.1:50054"
     # Without authentication (the embedded default) every caller is this one local user.
     local_user_id: str = "local"
+    # JWT bearer authentication: one of a shared secret (HS256), a PEM public key or a JWKS file.
+    jwt_secret: SecretStr | None = None
+    jwt_public_key_file: Path | None = None
+    jwt_jwks_file: Path | None = None
+    jwt_algorithms: list[str] = []
+    jwt_audience: str = "duplex"
+    jwt_issuer: str = "duplex"
+    jwt_leeway_seconds: float = 30.0
     default_system_prompt: str = "You are Duplex, a helpful assistant. Answer clearly and concisely."
     # Deadline for one call to an inner service (a whole turn has its own).
     rpc_timeout_seconds: float = 10.0
@@ -25,3 +37,9 @@ class GatewaySettings(ServiceSettings):
     # Events queued for one slow client before its follower waits.
     connection_outbox_events: int = 256
     dependency_check_interval_seconds: float = 5.0
+
+    @model_validator(mode="after")
+    def _default_algorithms(self) -> "GatewaySettings":
+        if not self.jwt_algorithms:
+            self.jwt_algorithms = ["HS256"] if self.jwt_secret is not None else ["RS256", "ES256", "EdDSA"]
+        return self

@@ -47,6 +47,14 @@ class OutOfRange(DuplexError):
     code = grpc.StatusCode.OUT_OF_RANGE
 
 
+class Unauthenticated(DuplexError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(DuplexError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(DuplexError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     retryable = True
