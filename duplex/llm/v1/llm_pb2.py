@@ -22,47 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uplex/llm/v1/llm.proto\x12\rduplex.llm.v1\"\x8e\x01\n\x07Message\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.duplex.llm.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.duplex.llm.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"S\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"\x8c\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.duplex.llm.v1.Message\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12,\n\x05tools\x18\x04 \x03(\x0b\x32\x1d.duplex.llm.v1.ToolDefinition\"\xdb\x01\n\x10GenerateResponse\x12\x31\n\x07started\x18\x01 \x01(\x0b\x32\x1e.duplex.llm.v1.GenerateStartedH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.duplex.llm.v1.TextChunkH\x00\x12\x33\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1f.duplex.llm.v1.GenerateFinishedH\x00\x12,\n\ttool_call\x18\x04 \x01(\x0b\x32\x17.duplex.llm.v1.ToolCallH\x00\x42\x06\n\x04kind\"7\n\x0fGenerateStarted\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\".\n\tTextChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\"x\n\x10GenerateFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.duplex.llm.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.duplex.llm.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"u\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x16\n\x0esupports_tools\x18\x04 \x01(\x08\x12\x1b\n\x13supports_embeddings\x18\x05 \x01(\x08\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"c\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.duplex.llm.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xf2\x01\n\nLlmService\x12M\n\x08Generate\x12\x1e.duplex.llm.v1.GenerateRequest\x1a\x1f.duplex.llm.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .duplex.llm.v1.ListModelsRequest\x1a!.duplex.llm.v1.ListModelsResponse\x12\x42\n\x05\x45mbed\x12\x1b.duplex.llm.v1.EmbedRequest\x1a\x1c.duplex.llm.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uplex/llm/v1/llm.proto\x12\rduplex.llm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x01\n\x07Message\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.duplex.llm.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.duplex.llm.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"S\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"\x8c\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.duplex.llm.v1.Message\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12,\n\x05tools\x18\x04 \x03(\x0b\x32\x1d.duplex.llm.v1.ToolDefinition\"\xdb\x01\n\x10GenerateResponse\x12\x31\n\x07started\x18\x01 \x01(\x0b\x32\x1e.duplex.llm.v1.GenerateStartedH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.duplex.llm.v1.TextChunkH\x00\x12\x33\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1f.duplex.llm.v1.GenerateFinishedH\x00\x12,\n\ttool_call\x18\x04 \x01(\x0b\x32\x17.duplex.llm.v1.ToolCallH\x00\x42\x06\n\x04kind\"7\n\x0fGenerateStarted\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"_\n\tTextChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12/\n\x0bproduced_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\x10GenerateFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.duplex.llm.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.duplex.llm.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"u\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x16\n\x0esupports_tools\x18\x04 \x01(\x08\x12\x1b\n\x13supports_embeddings\x18\x05 \x01(\x08\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"c\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.duplex.llm.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xf2\x01\n\nLlmService\x12M\n\x08Generate\x12\x1e.duplex.llm.v1.GenerateRequest\x1a\x1f.duplex.llm.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .duplex.llm.v1.ListModelsRequest\x1a!.duplex.llm.v1.ListModelsResponse\x12\x42\n\x05\x45mbed\x12\x1b.duplex.llm.v1.EmbedRequest\x1a\x1c.duplex.llm.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duplex.llm.v1.llm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1330
-  _globals['_ROLE']._serialized_end=1425
-  _globals['_FINISHREASON']._serialized_start=1428
-  _globals['_FINISHREASON']._serialized_end=1587
-  _globals['_MESSAGE']._serialized_start=43
-  _globals['_MESSAGE']._serialized_end=185
-  _globals['_TOOLCALL']._serialized_start=187
-  _globals['_TOOLCALL']._serialized_end=247
-  _globals['_TOOLDEFINITION']._serialized_start=249
-  _globals['_TOOLDEFINITION']._serialized_end=332
-  _globals['_GENERATEREQUEST']._serialized_start=335
-  _globals['_GENERATEREQUEST']._serialized_end=475
-  _globals['_GENERATERESPONSE']._serialized_start=478
-  _globals['_GENERATERESPONSE']._serialized_end=697
-  _globals['_GENERATESTARTED']._serialized_start=699
-  _globals['_GENERATESTARTED']._serialized_end=754
-  _globals['_TEXTCHUNK']._serialized_start=756
-  _globals['_TEXTCHUNK']._serialized_end=802
-  _globals['_GENERATEFINISHED']._serialized_start=804
-  _globals['_GENERATEFINISHED']._serialized_end=924
-  _globals['_LISTMODELSREQUEST']._serialized_start=926
-  _globals['_LISTMODELSREQUEST']._serialized_end=945
-  _globals['_LISTMODELSRESPONSE']._serialized_start=947
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1032
-  _globals['_MODELINFO']._serialized_start=1034
-  _globals['_MODELINFO']._serialized_end=1151
-  _globals['_EMBEDREQUEST']._serialized_start=1153
-  _globals['_EMBEDREQUEST']._serialized_end=1198
-  _globals['_EMBEDRESPONSE']._serialized_start=1200
-  _globals['_EMBEDRESPONSE']._serialized_end=1299
-  _globals['_EMBEDDING']._serialized_start=1301
-  _globals['_EMBEDDING']._serialized_end=1328
-  _globals['_LLMSERVICE']._serialized_start=1590
-  _globals['_LLMSERVICE']._serialized_end=1832
+  _globals['_ROLE']._serialized_start=1412
+  _globals['_ROLE']._serialized_end=1507
+  _globals['_FINISHREASON']._serialized_start=1510
+  _globals['_FINISHREASON']._serialized_end=1669
+  _globals['_MESSAGE']._serialized_start=76
+  _globals['_MESSAGE']._serialized_end=218
+  _globals['_TOOLCALL']._serialized_start=220
+  _globals['_TOOLCALL']._serialized_end=280
+  _globals['_TOOLDEFINITION']._serialized_start=282
+  _globals['_TOOLDEFINITION']._serialized_end=365
+  _globals['_GENERATEREQUEST']._serialized_start=368
+  _globals['_GENERATEREQUEST']._serialized_end=508
+  _globals['_GENERATERESPONSE']._serialized_start=511
+  _globals['_GENERATERESPONSE']._serialized_end=730
+  _globals['_GENERATESTARTED']._serialized_start=732
+  _globals['_GENERATESTARTED']._serialized_end=787
+  _globals['_TEXTCHUNK']._serialized_start=789
+  _globals['_TEXTCHUNK']._serialized_end=884
+  _globals['_GENERATEFINISHED']._serialized_start=886
+  _globals['_GENERATEFINISHED']._serialized_end=1006
+  _globals['_LISTMODELSREQUEST']._serialized_start=1008
+  _globals['_LISTMODELSREQUEST']._serialized_end=1027
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1029
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1114
+  _globals['_MODELINFO']._serialized_start=1116
+  _globals['_MODELINFO']._serialized_end=1233
+  _globals['_EMBEDREQUEST']._serialized_start=1235
+  _globals['_EMBEDREQUEST']._serialized_end=1280
+  _globals['_EMBEDRESPONSE']._serialized_start=1282
+  _globals['_EMBEDRESPONSE']._serialized_end=1381
+  _globals['_EMBEDDING']._serialized_start=1383
+  _globals['_EMBEDDING']._serialized_end=1410
+  _globals['_LLMSERVICE']._serialized_start=1672
+  _globals['_LLMSERVICE']._serialized_end=1914
 # @@protoc_insertion_point(module_scope)

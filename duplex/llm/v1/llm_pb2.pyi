@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -100,12 +103,14 @@ class GenerateStarted(_message.Message):
     def __init__(self, model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class TextChunk(_message.Message):
-    __slots__ = ("text", "token_count")
+    __slots__ = ("text", "token_count", "produced_at")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PRODUCED_AT_FIELD_NUMBER: _ClassVar[int]
     text: str
     token_count: int
-    def __init__(self, text: _Optional[str] = ..., token_count: _Optional[int] = ...) -> None: ...
+    produced_at: _timestamp_pb2.Timestamp
+    def __init__(self, text: _Optional[str] = ..., token_count: _Optional[int] = ..., produced_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GenerateFinished(_message.Message):
     __slots__ = ("finish_reason", "prompt_tokens", "completion_tokens")
