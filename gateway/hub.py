@@ -45,7 +45,8 @@ class SessionHub:
         self.last_seq += 1
         event.seq = self.last_seq
         event.session_id = self.session_id
-        event.time.GetCurrentTime()
+        if not event.HasField("time"):
+            event.time.GetCurrentTime()
         self._recent.append(event)
         self._unflushed.append(
             session_pb2.LogEvent(

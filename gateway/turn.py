@@ -247,7 +247,10 @@ class Turn:
         self._last_token_at = now
         self._round.text += chunk.text
         self._round.completion_tokens += chunk.token_count
-        self._publish(chat_pb2.ChatEvent(delta=chat_pb2.TextDelta(text=chunk.text)))
+        delta = chat_pb2.ChatEvent(delta=chat_pb2.TextDelta(text=chunk.text))
+        if chunk.HasField("produced_at"):  # a delta's time is when the model produced it
+            delta.time.CopyFrom(chunk.produced_at)
+        self._publish(delta)
 
     def _publish(self, event: chat_pb2.ChatEvent) -> None:
         event.turn_id = self.id
