@@ -28,6 +28,17 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("migrate", help="apply the history database migrations (DUPLEX_DATABASE_URL)")
 
+    bench = commands.add_parser("bench", help="load-benchmark the whole chain on loopback (minutes)")
+    bench.add_argument("--streams", default="1,100,500,1000", help="concurrent streams per run, comma-separated")
+    bench.add_argument("--tokens-per-second", type=float, default=50.0, help="demo model pace per stream")
+    bench.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
+    bench.add_argument("--ramp", type=float, default=5.0, help="seconds over which streams start")
+    bench.add_argument("--compare-streams", type=int, default=100, help="N for the side-by-side comparisons")
+    bench.add_argument("--idle", type=int, default=2000, help="idle streams held open for memory (0 = skip)")
+    bench.add_argument("--soak-minutes", type=float, default=0.0, help="memory soak at the knee (0 = skip)")
+    bench.add_argument("--coalesce-ms", type=int, default=15, help="llm_service coalescing window")
+    bench.add_argument("--output", default="bench-results.json", help="where the JSON report goes")
+
     args = parser.parse_args(argv)
     try:
         if args.command == "up":
@@ -36,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             return print_token(args.user, args.ttl)
         if args.command == "migrate":
             return migrate()
+        if args.command == "bench":
+            return run_bench(args)
         return asyncio.run(chat_client.run(args))
     except KeyboardInterrupt:
         return 130
@@ -50,6 +63,27 @@ def print_token(user_id: str, ttl_seconds: int) -> int:
     except ValueError as error:
         print(f"duplex token: {error}", file=sys.stderr)
         return 1
+    return 0
+
+
+def run_bench(args) -> int:
+    import json
+    import tempfile
+
+    from duplex.bench import runner
+
+    config = runner.BenchConfig(
+        streams=tuple(int(n) for n in args.streams.split(",")), tokens_per_second=args.tokens_per_second,
+        duration_seconds=args.duration, ramp_seconds=args.ramp, compare_streams=args.compare_streams,
+        idle_streams=args.idle, soak_minutes=args.soak_minutes, coalesce_window_ms=args.coalesce_ms,
+        output=args.output,
+    )
+    with tempfile.TemporaryDirectory(prefix="duplex-bench-") as data_dir:
+        report = asyncio.run(runner.run(config, data_dir))
+    runner.print_summary(report)
+    with open(args.output, "w") as out:
+        json.dump(report, out, indent=2)
+    print(f"\nwrote {args.output}")
     return 0
 
 

@@ -47,8 +47,8 @@ def dial_address(listen: str) -> str:
     return f"127.0.0.1:{port}" if host in ("0.0.0.0", "[::]", "") else listen
 
 
-def child_environment() -> dict[str, str]:
-    env = dict(os.environ)
+def child_environment(base: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
     for spec in SERVICES:
         if spec.module in TARGET_ENV:
             env.setdefault(TARGET_ENV[spec.module], dial_address(listen_address(spec, env)))
