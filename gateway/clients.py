@@ -106,18 +106,52 @@ class HistoryClient:
 
     @_translated("history service")
     async def list_messages(
-        self, user_id: str, conversation_id: str, page_token: str = ""
+        self, user_id: str, conversation_id: str, page_token: str = "", page_size: int = 1000
     ) -> history_pb2.ListMessagesResponse:
         request = history_pb2.ListMessagesRequest(
-            user_id=user_id, conversation_id=conversation_id, page_size=1000, page_token=page_token
+            user_id=user_id, conversation_id=conversation_id, page_size=page_size, page_token=page_token
         )
         return await self._stub.ListMessages(request, timeout=self._timeout)
 
+    @_translated("history service")
+    async def search_messages(
+        self, user_id: str, query: str, page_size: int, page_token: str = ""
+    ) -> history_pb2.SearchMessagesResponse:
+        request = history_pb2.SearchMessagesRequest(
+            user_id=user_id, query=query, page_size=page_size, page_token=page_token
+        )
+        return await self._stub.SearchMessages(request, timeout=self._timeout)
 
     @_translated("history service")
-    async def search_messages(self, user_id: str, query: str, limit: int) -> list[history_pb2.SearchHit]:
-        request = history_pb2.SearchMessagesRequest(user_id=user_id, query=query, page_size=limit)
-        return list((await self._stub.SearchMessages(request, timeout=self._timeout)).hits)
+    async def list_conversations(
+        self, user_id: str, page_size: int, page_token: str
+    ) -> history_pb2.ListConversationsResponse:
+        request = history_pb2.ListConversationsRequest(user_id=user_id, page_size=page_size, page_token=page_token)
+        return await self._stub.ListConversations(request, timeout=self._timeout)
+
+    @_translated("history service")
+    async def rename_conversation(self, user_id: str, conversation_id: str, title: str) -> history_pb2.Conversation:
+        request = history_pb2.RenameConversationRequest(user_id=user_id, conversation_id=conversation_id, title=title)
+        return (await self._stub.RenameConversation(request, timeout=self._timeout)).conversation
+
+    @_translated("history service")
+    async def delete_conversation(self, user_id: str, conversation_id: str) -> None:
+        request = history_pb2.DeleteConversationRequest(user_id=user_id, conversation_id=conversation_id)
+        await self._stub.DeleteConversation(request, timeout=self._timeout)
+
+    @_translated("history service")
+    async def export_conversation(
+        self, user_id: str, conversation_id: str, export_format: int
+    ) -> history_pb2.ExportConversationResponse:
+        request = history_pb2.ExportConversationRequest(
+            user_id=user_id, conversation_id=conversation_id, format=export_format
+        )
+        return await self._stub.ExportConversation(request, timeout=self._timeout)
+
+    @_translated("history service")
+    async def get_usage(self, user_id: str, from_day: str, to_day: str) -> list[history_pb2.UsageRecord]:
+        request = history_pb2.GetUsageRequest(user_id=user_id, from_day=from_day, to_day=to_day)
+        return list((await self._stub.GetUsage(request, timeout=self._timeout)).records)
 
 
 class LlmClient:
