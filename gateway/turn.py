@@ -459,6 +459,8 @@ class TurnManager:
     async def _run(self, turn: Turn) -> None:
         try:
             await turn.run()
+        except Exception:  # a bug in the turn's bookkeeping must not vanish into an unretrieved task
+            log.exception("turn %s: unexpected failure", turn.id)
         finally:
             await self._hubs.release(turn.hub)
 
