@@ -4,7 +4,9 @@ The only place that knows both the protos and the provider dataclasses. Errors a
 duplex.common.errors exceptions; the server's ErrorInterceptor turns them into statuses.
 """
 
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
@@ -12,67 +14,91 @@ import grpc
 
 from duplex.common.errors import Internal, InvalidArgument
 from duplex.llm.v1 import llm_pb2, llm_pb2_grpc
+from llm_service.coalescing import coalesce_chunks
 from llm_service.providers.base import (
     ChatMessage,
     Chunk,
     Finished,
     FinishReason,
     GenerationRequest,
-    ProviderRegistry,
+    ModelDescription,
     Role,
     Started,
     StreamItem,
+    ToolCall,
+    ToolCallItem,
+    ToolDefinition,
 )
+from llm_service.resilience import Deadline, ModelRouter
 
 log = logging.getLogger(__name__)
 
 # Bounds the work one request can cause; far beyond any context window a provider accepts.
 MAX_PROMPT_CHARS = 1_000_000
+# OpenAI's limits, which every provider can live with.
+MAX_EMBED_INPUTS = 2048
+MAX_TOOLS = 128
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 ROLES = {
     llm_pb2.ROLE_SYSTEM: Role.SYSTEM,
     llm_pb2.ROLE_USER: Role.USER,
     llm_pb2.ROLE_ASSISTANT: Role.ASSISTANT,
+    llm_pb2.ROLE_TOOL: Role.TOOL,
 }
 FINISH_REASONS = {
     FinishReason.STOP: llm_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
     FinishReason.CONTENT_FILTER: llm_pb2.FINISH_REASON_CONTENT_FILTER,
+    FinishReason.TOOL_CALLS: llm_pb2.FINISH_REASON_TOOL_CALLS,
 }
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, registry: ProviderRegistry):
-        self._registry = registry
+    def __init__(self, router: ModelRouter, coalesce_window_seconds: float = 0.0):
+        self._router = router
+        self._coalesce_window_seconds = coalesce_window_seconds
 
     async def Generate(
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[llm_pb2.GenerateResponse]:
         messages = to_chat_messages(request.messages)
-        model, provider = self._registry.resolve(request.model)
-        generation = GenerationRequest(model=model, messages=messages, max_tokens=request.max_tokens)
-        order = StreamOrder(model)
-        # aclosing: however the call ends (finished, failed, cancelled by the client), the provider's
-        # stream is closed right then, so its upstream request does not outlive the call.
-        async with aclosing(provider.generate(generation)) as stream:
-            async for item in stream:
+        tools = to_tool_definitions(request.tools)
+        model = self._router.resolve(request.model)
+        generation = GenerationRequest(model=model.name, messages=messages, max_tokens=request.max_tokens, tools=tools)
+        deadline = Deadline(context.time_remaining())
+        order = StreamOrder(model.name)
+        stream = coalesce_chunks(self._router.generate(generation, deadline), self._coalesce_window_seconds)
+        # aclosing: however the call ends (finished, failed, cancelled by the client, deadline), the
+        # provider's stream is closed right then, so its upstream request does not outlive the call.
+        async with aclosing(stream) as items:
+            async for item in items:
                 order.check(item)
                 yield to_response(item)
         order.check_complete()
-        log.debug("generated with %s: %s", model, order.finished)
+        log.debug("generated with %s: %s", order.started, order.finished)
 
     async def ListModels(
         self, request: llm_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> llm_pb2.ListModelsResponse:
-        models = [
-            llm_pb2.ModelInfo(name=model.name, provider=model.provider, description=model.description)
-            for model in self._registry.models()
-        ]
-        return llm_pb2.ListModelsResponse(models=models, default_model=self._registry.default_model)
+        models = [to_model_info(model) for model in self._router.models()]
+        return llm_pb2.ListModelsResponse(models=models, default_model=self._router.default_model)
+
+    async def Embed(self, request: llm_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> llm_pb2.EmbedResponse:
+        inputs = check_embed_inputs(request.inputs)
+        model, embeddings = await self._router.embed(request.model, inputs, Deadline(context.time_remaining()))
+        if len(embeddings.vectors) != len(inputs):
+            log.error("model %s returned %d vectors for %d inputs", model, len(embeddings.vectors), len(inputs))
+            raise Internal(f"model '{model}' failed")
+        return llm_pb2.EmbedResponse(
+            embeddings=[llm_pb2.Embedding(values=vector) for vector in embeddings.vectors],
+            model=model,
+            prompt_tokens=embeddings.prompt_tokens,
+        )
 
 
 class StreamOrder:
-    """Checks that a provider keeps the stream contract: one Started, Chunks, one Finished, nothing after.
+    """Checks that a provider keeps the stream contract: one Started, Chunks, ToolCallItems, one Finished.
 
     A provider that breaks it is a bug; the client gets INTERNAL rather than a stream it cannot trust.
     """
@@ -93,7 +119,7 @@ class StreamOrder:
             self._broken(f"{type(item).__name__} before Started")
         elif isinstance(item, Finished):
             self.finished = item
-        elif not isinstance(item, Chunk):
+        elif not isinstance(item, Chunk | ToolCallItem):
             self._broken(f"an unknown item {item!r}")
 
     def check_complete(self) -> None:
@@ -108,17 +134,83 @@ class StreamOrder:
 def to_chat_messages(messages: Sequence[llm_pb2.Message]) -> tuple[ChatMessage, ...]:
     if not messages:
         raise InvalidArgument("messages must not be empty")
-    total_chars = 0
-    converted = []
-    for index, message in enumerate(messages):
-        role = ROLES.get(message.role)
-        if role is None:
-            raise InvalidArgument(f"messages[{index}].role must be system, user or assistant")
-        total_chars += len(message.content)
-        converted.append(ChatMessage(role=role, content=message.content))
+    converted = tuple(to_chat_message(index, message) for index, message in enumerate(messages))
+    total_chars = sum(
+        len(message.content) + sum(len(call.arguments_json) for call in message.tool_calls) for message in converted
+    )
     if total_chars > MAX_PROMPT_CHARS:
         raise InvalidArgument(f"messages hold {total_chars} characters; the limit is {MAX_PROMPT_CHARS}")
-    return tuple(converted)
+    return converted
+
+
+def to_chat_message(index: int, message: llm_pb2.Message) -> ChatMessage:
+    role = ROLES.get(message.role)
+    if role is None:
+        raise InvalidArgument(f"messages[{index}].role must be system, user, assistant or tool")
+    if role == Role.TOOL and not message.tool_call_id:
+        raise InvalidArgument(f"messages[{index}] is a tool result without a tool_call_id")
+    if message.tool_calls and role != Role.ASSISTANT:
+        raise InvalidArgument(f"messages[{index}] has tool_calls but only assistant messages can")
+    calls = []
+    for position, call in enumerate(message.tool_calls):
+        if not call.id or not call.name:
+            raise InvalidArgument(f"messages[{index}].tool_calls[{position}] needs an id and a name")
+        calls.append(ToolCall(id=call.id, name=call.name, arguments_json=call.arguments_json))
+    return ChatMessage(
+        role=role,
+        content=message.content,
+        tool_calls=tuple(calls),
+        tool_call_id=message.tool_call_id,
+        name=message.name,
+    )
+
+
+def to_tool_definitions(tools: Sequence[llm_pb2.ToolDefinition]) -> tuple[ToolDefinition, ...]:
+    if len(tools) > MAX_TOOLS:
+        raise InvalidArgument(f"{len(tools)} tools offered; the limit is {MAX_TOOLS}")
+    definitions = tuple(to_tool_definition(index, tool) for index, tool in enumerate(tools))
+    names = [tool.name for tool in definitions]
+    if len(set(names)) != len(names):
+        raise InvalidArgument("tool names must be unique")
+    return definitions
+
+
+def to_tool_definition(index: int, tool: llm_pb2.ToolDefinition) -> ToolDefinition:
+    if not TOOL_NAME.fullmatch(tool.name):
+        raise InvalidArgument(f"tools[{index}].name must be 1-64 letters, digits, '_' or '-'")
+    try:
+        parameters = json.loads(tool.parameters_json_schema) if tool.parameters_json_schema else {}
+    except ValueError:
+        raise InvalidArgument(f"tools[{index}].parameters_json_schema is not valid JSON") from None
+    if not isinstance(parameters, dict):
+        raise InvalidArgument(f"tools[{index}].parameters_json_schema must be a JSON object")
+    # A tool without parameters still needs an object schema for OpenAI-style APIs.
+    parameters = parameters or {"type": "object", "properties": {}}
+    return ToolDefinition(name=tool.name, description=tool.description, parameters=parameters)
+
+
+def check_embed_inputs(inputs: Sequence[str]) -> tuple[str, ...]:
+    if not inputs:
+        raise InvalidArgument("inputs must not be empty")
+    if len(inputs) > MAX_EMBED_INPUTS:
+        raise InvalidArgument(f"{len(inputs)} inputs; the limit is {MAX_EMBED_INPUTS}")
+    for index, text in enumerate(inputs):
+        if not text.strip():
+            raise InvalidArgument(f"inputs[{index}] is empty")
+    total_chars = sum(len(text) for text in inputs)
+    if total_chars > MAX_PROMPT_CHARS:
+        raise InvalidArgument(f"inputs hold {total_chars} characters; the limit is {MAX_PROMPT_CHARS}")
+    return tuple(inputs)
+
+
+def to_model_info(model: ModelDescription) -> llm_pb2.ModelInfo:
+    return llm_pb2.ModelInfo(
+        name=model.name,
+        provider=model.provider,
+        description=model.description,
+        supports_tools=model.supports_tools,
+        supports_embeddings=model.supports_embeddings,
+    )
 
 
 def to_response(item: StreamItem) -> llm_pb2.GenerateResponse:
@@ -127,7 +219,15 @@ def to_response(item: StreamItem) -> llm_pb2.GenerateResponse:
             started=llm_pb2.GenerateStarted(model=item.model, prompt_tokens=item.prompt_tokens)
         )
     if isinstance(item, Chunk):
-        return llm_pb2.GenerateResponse(chunk=llm_pb2.TextChunk(text=item.text, token_count=item.token_count))
+        chunk = llm_pb2.TextChunk(text=item.text, token_count=item.token_count)
+        if item.produced_at_ns:
+            chunk.produced_at.FromNanoseconds(item.produced_at_ns)
+        return llm_pb2.GenerateResponse(chunk=chunk)
+    if isinstance(item, ToolCallItem):
+        call = item.tool_call
+        return llm_pb2.GenerateResponse(
+            tool_call=llm_pb2.ToolCall(id=call.id, name=call.name, arguments_json=call.arguments_json)
+        )
     return llm_pb2.GenerateResponse(
         finished=llm_pb2.GenerateFinished(
             finish_reason=FINISH_REASONS[item.finish_reason],

@@ -47,7 +47,7 @@ class System:
         self.env.update({f"DUPLEX_{name}_LISTEN": f"127.0.0.1:{port}" for name, port in self.ports.items()})
         self.env.update(
             DUPLEX_DATA_DIR=data_dir, DUPLEX_LOCAL_TOKENS_PER_SECOND=str(tokens_per_second),
-            DUPLEX_COALESCE_WINDOW_MS=str(coalesce_window_ms), DUPLEX_LOG_LEVEL="WARNING",
+            DUPLEX_LLM_COALESCE_WINDOW_MS=str(coalesce_window_ms), DUPLEX_LOG_LEVEL="WARNING",
             DUPLEX_QUOTA_MESSAGES_PER_MINUTE="0", DUPLEX_QUOTA_TOKENS_PER_DAY="0",
         )
         self.env = launcher.child_environment(self.env)

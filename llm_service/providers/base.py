@@ -4,7 +4,7 @@ Providers see plain dataclasses, never protos, so an adapter (the built-in demo,
 written and tested without gRPC, and the servicer never learns which adapter answers.
 """
 
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
@@ -91,6 +91,9 @@ class Chunk:
 
     text: str
     token_count: int
+    # When the model produced the text's first token (Unix time in ns), so delivery latency can be
+    # measured; 0 lets the router stamp it as the chunk arrives from the provider.
+    produced_at_ns: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +161,7 @@ class Provider(Protocol):
 
     def models(self) -> list[ModelDescription]: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[StreamItem]: ...
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]: ...
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings: ...
 

@@ -1,0 +1,364 @@
+"""`openai`: models behind any OpenAI-compatible HTTP API, through the official `openai` SDK.
+
+OpenAI itself, vLLM, Ollama, llama.cpp, LiteLLM, Gemini's OpenAI endpoint... anything that speaks
+`/chat/completions` with server-sent events. One AsyncOpenAI client per (base URL, key), shared by the
+models that use them and closed with the provider.
+
+Each call is exactly one upstream attempt (the SDK's own retries are off): retries, fallbacks and the
+deadline belong to llm_service.resilience. Failures become duplex errors whose messages never hold the
+API key, the base URL or the upstream's raw answer to a rejected key.
+"""
+
+import logging
+from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Literal
+
+import openai
+from pydantic import SecretStr
+
+from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from llm_service.providers.base import (
+    ChatMessage,
+    Chunk,
+    EmbeddingRequest,
+    Embeddings,
+    Finished,
+    FinishReason,
+    GenerationRequest,
+    ModelDescription,
+    Role,
+    Started,
+    StreamItem,
+    ToolCall,
+    ToolCallItem,
+    ToolDefinition,
+)
+
+log = logging.getLogger(__name__)
+
+PROVIDER_NAME = "openai"
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Upstream error texts quoted in our messages are cut to this length.
+UPSTREAM_MESSAGE_MAX_CHARS = 200
+# Connecting should never take long; waiting for tokens may.
+CONNECT_TIMEOUT_SECONDS = 10.0
+FINISH_REASONS = {
+    "stop": FinishReason.STOP,
+    "length": FinishReason.LENGTH,
+    "content_filter": FinishReason.CONTENT_FILTER,
+    "tool_calls": FinishReason.TOOL_CALLS,
+    "function_call": FinishReason.TOOL_CALLS,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OpenAIModel:
+    """One public model served through an OpenAI-compatible endpoint."""
+
+    name: str
+    upstream_model: str
+    api_key: SecretStr = field(repr=False)
+    base_url: str = DEFAULT_BASE_URL
+    description: str = ""
+    supports_tools: bool = True
+    supports_embeddings: bool = False
+    fallbacks: tuple[str, ...] = ()
+    # OpenAI's reasoning models only accept max_completion_tokens; many compatible servers only max_tokens.
+    max_tokens_parameter: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+
+    @property
+    def client_key(self) -> tuple[str, str]:
+        return (self.base_url, self.api_key.get_secret_value())
+
+
+class OpenAIProvider:
+    """Serves the configured OpenAI-compatible models."""
+
+    name = PROVIDER_NAME
+
+    def __init__(self, models: Sequence[OpenAIModel], *, timeout_seconds: float = 60.0):
+        self._models = {model.name: model for model in models}
+        self._timeout_seconds = timeout_seconds
+        self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+        for model in models:
+            if model.client_key not in self._clients:
+                self._clients[model.client_key] = openai.AsyncOpenAI(
+                    api_key=model.api_key.get_secret_value(),
+                    base_url=model.base_url,
+                    # The only retries are llm_service.resilience's, which know the call's deadline.
+                    max_retries=0,
+                    timeout=self._timeout(None),
+                )
+        # Scrubbed from every upstream text we quote, in case an upstream echoes a key back.
+        self._secrets = tuple({model.api_key.get_secret_value() for model in models} - {""})
+
+    @property
+    def client_count(self) -> int:
+        return len(self._clients)
+
+    def models(self) -> list[ModelDescription]:
+        return [
+            ModelDescription(
+                name=model.name,
+                provider=PROVIDER_NAME,
+                description=model.description or f"{model.upstream_model} via {public_host(model.base_url)}",
+                supports_tools=model.supports_tools,
+                supports_embeddings=model.supports_embeddings,
+                fallbacks=model.fallbacks,
+            )
+            for model in self._models.values()
+        ]
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
+        model = self._models[request.model]
+        try:
+            stream = await self._client(model).chat.completions.create(
+                **chat_completion_arguments(model, request),
+                stream=True,
+                stream_options={"include_usage": True},
+                timeout=self._timeout(request.timeout),
+            )
+        except openai.OpenAIError as error:
+            raise self._domain_error(error, model.name) from None
+        # Closed however the reply ends (finished, failed, cancelled, closed by the caller), so the
+        # upstream HTTP stream never outlives the call: the upstream sees the disconnect and stops.
+        try:
+            async with aclosing(self._read_reply(request, stream)) as items:
+                async for item in items:
+                    yield item
+        except openai.OpenAIError as error:
+            raise self._domain_error(error, model.name) from None
+        finally:
+            await stream.close()
+
+    async def _read_reply(
+        self, request: GenerationRequest, stream: openai.AsyncStream
+    ) -> AsyncGenerator[StreamItem, None]:
+        estimated_prompt_tokens = estimate_prompt_tokens(request.messages)
+        yield Started(model=request.model, prompt_tokens=estimated_prompt_tokens)
+        calls = ToolCallAssembler()
+        finish_reason: str | None = None
+        usage = None
+        chunks = 0
+        async for completion_chunk in stream:
+            usage = completion_chunk.usage or usage
+            # Lenient about what compatible servers leave out (choices in the usage chunk, empty deltas).
+            for choice in (completion_chunk.choices or [])[:1]:
+                delta = choice.delta
+                if delta is not None and delta.content:
+                    chunks += 1
+                    # Upstreams send about a token per chunk; the final usage has the exact count.
+                    yield Chunk(text=delta.content, token_count=1)
+                if delta is not None:
+                    calls.add(delta.tool_calls or ())
+                finish_reason = choice.finish_reason or finish_reason
+        if finish_reason is None:
+            # The upstream closed the stream without finishing its reply.
+            raise Unavailable(f"model '{request.model}' stopped before finishing its reply")
+        tool_calls = calls.complete()
+        for call in tool_calls:
+            yield ToolCallItem(call)
+        # Some servers finish a tool-calling reply with "stop"; the calls are what matters.
+        reason = FinishReason.TOOL_CALLS if tool_calls else FINISH_REASONS.get(finish_reason, FinishReason.STOP)
+        yield Finished(
+            finish_reason=reason,
+            prompt_tokens=usage.prompt_tokens if usage else estimated_prompt_tokens,
+            completion_tokens=usage.completion_tokens if usage else chunks + calls.estimated_tokens(),
+        )
+
+    async def embed(self, request: EmbeddingRequest) -> Embeddings:
+        model = self._models[request.model]
+        try:
+            response = await self._client(model).embeddings.create(
+                model=model.upstream_model,
+                input=list(request.inputs),
+                encoding_format="float",
+                timeout=self._timeout(request.timeout),
+            )
+        except openai.OpenAIError as error:
+            raise self._domain_error(error, model.name) from None
+        ordered = sorted(response.data, key=lambda item: item.index)
+        return Embeddings(
+            vectors=tuple(tuple(item.embedding) for item in ordered),
+            prompt_tokens=response.usage.prompt_tokens if response.usage else 0,
+        )
+
+    async def close(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    def _client(self, model: OpenAIModel) -> openai.AsyncOpenAI:
+        client = self._clients.get(model.client_key)
+        if client is None:
+            raise Unavailable(f"model '{model.name}' is unavailable: the service is stopping")
+        return client
+
+    def _timeout(self, remaining: float | None) -> openai.Timeout:
+        """Per request: the configured wait for the upstream's next bytes, never beyond the deadline."""
+        seconds = self._timeout_seconds if remaining is None else max(min(self._timeout_seconds, remaining), 0.001)
+        return openai.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_SECONDS))
+
+    def _domain_error(self, error: openai.OpenAIError, model: str) -> DuplexError:
+        domain_error = to_domain_error(error, model, self._secrets)
+        log.info("model %s: %s", model, domain_error.message)
+        return domain_error
+
+
+def chat_completion_arguments(model: OpenAIModel, request: GenerationRequest) -> dict[str, Any]:
+    arguments: dict[str, Any] = {
+        "model": model.upstream_model,
+        "messages": [chat_message(message) for message in request.messages],
+    }
+    if request.tools:
+        arguments["tools"] = [tool_spec(tool) for tool in request.tools]
+    if request.max_tokens:
+        arguments[model.max_tokens_parameter] = request.max_tokens
+    return arguments
+
+
+def chat_message(message: ChatMessage) -> dict[str, Any]:
+    if message.role == Role.TOOL:
+        return {"role": "tool", "tool_call_id": message.tool_call_id, "content": message.content}
+    if message.role == Role.ASSISTANT and message.tool_calls:
+        return {
+            "role": "assistant",
+            # OpenAI wants null, not "", for an assistant message that only calls tools.
+            "content": message.content or None,
+            "tool_calls": [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments_json}}
+                for call in message.tool_calls
+            ],
+        }
+    return {"role": message.role.value, "content": message.content}
+
+
+def tool_spec(tool: ToolDefinition) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": tool.name, "parameters": dict(tool.parameters)}
+    if tool.description:
+        function["description"] = tool.description
+    return {"type": "function", "function": function}
+
+
+class ToolCallAssembler:
+    """Joins the fragments of streamed tool calls, as OpenAI sends them, into complete calls.
+
+    The first fragment of a call carries its index, id and name; the later ones carry the same index and
+    the next piece of the arguments' JSON.
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, fragments: Iterable[Any]) -> None:
+        for fragment in fragments:
+            call = self._calls.setdefault(fragment.index, {"id": "", "name": "", "arguments": ""})
+            call["id"] = fragment.id or call["id"]
+            if fragment.function is not None:
+                # Some servers repeat the name in every fragment, some split it: never double it.
+                name = fragment.function.name or ""
+                call["name"] = name if name.startswith(call["name"]) else call["name"] + name
+                call["arguments"] += fragment.function.arguments or ""
+
+    def complete(self) -> list[ToolCall]:
+        return [
+            ToolCall(id=call["id"] or f"call_{index}", name=call["name"], arguments_json=call["arguments"] or "{}")
+            for index, call in sorted(self._calls.items())
+        ]
+
+    def estimated_tokens(self) -> int:
+        return sum(estimate_tokens(call["name"] + call["arguments"]) for call in self._calls.values())
+
+
+def to_domain_error(error: openai.OpenAIError, model: str, secrets: Sequence[str] = ()) -> DuplexError:
+    """The duplex error for a failed upstream call; its message is safe to show anyone."""
+    if isinstance(error, openai.APIStatusError):
+        return status_error(error, model, secrets)
+    if isinstance(error, openai.APITimeoutError):
+        return Unavailable(f"model '{model}' timed out: its provider did not answer in time")
+    if isinstance(error, openai.APIConnectionError):
+        return Unavailable(f"model '{model}' is unavailable: the connection to its provider failed")
+    # e.g. an error event in the middle of the stream, or an answer the SDK could not read.
+    return Unavailable(f"model '{model}' failed: its provider reported an error")
+
+
+def status_error(error: openai.APIStatusError, model: str, secrets: Sequence[str]) -> DuplexError:
+    status = error.status_code
+    retry_after = retry_after_seconds(error.response.headers)
+    if status in (401, 403):
+        # Never the upstream's text: OpenAI's answer to a wrong key quotes part of the key.
+        return FailedPrecondition(f"the provider of model '{model}' rejected the configured credentials ({status})")
+    if status == 429 and error.code == "insufficient_quota":
+        return FailedPrecondition(f"the provider account of model '{model}' has no quota left (429)")
+    if status == 429:
+        return ResourceExhausted(f"model '{model}' is rate limited by its provider (429)", retry_after=retry_after)
+    if status in (408, 409) or status >= 500:
+        return Unavailable(f"model '{model}' is unavailable: its provider answered {status}", retry_after=retry_after)
+    detail = upstream_message(error.body, secrets)
+    return InvalidArgument(f"model '{model}' rejected the request ({status}){': ' + detail if detail else ''}")
+
+
+def upstream_message(body: object, secrets: Sequence[str]) -> str:
+    """The upstream's own error text (e.g. "The model `x` does not exist"), one line, short, scrubbed."""
+    message = body.get("message") if isinstance(body, Mapping) else None
+    if not isinstance(message, str):
+        return ""
+    for secret in secrets:
+        message = message.replace(secret, "[redacted]")
+    message = " ".join(message.split())
+    if len(message) > UPSTREAM_MESSAGE_MAX_CHARS:
+        message = message[:UPSTREAM_MESSAGE_MAX_CHARS] + "..."
+    return message
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: datetime | None = None) -> float | None:
+    """When the upstream asked to be called again: `retry-after-ms`, or `Retry-After` in seconds or as an
+    HTTP date; None when absent or unreadable."""
+    milliseconds = headers.get("retry-after-ms")
+    if milliseconds is not None:
+        seconds = parse_float(milliseconds)
+        if seconds is not None:
+            return seconds / 1000
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = parse_float(value)
+    if seconds is not None:
+        return seconds
+    try:
+        moment = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max((moment - (now or datetime.now(UTC))).total_seconds(), 0.0)
+
+
+def parse_float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if value >= 0 and value != float("inf") else None
+
+
+def public_host(base_url: str) -> str:
+    """The host of a base URL without any credentials in it, for descriptions."""
+    host = base_url.split("://", 1)[-1].split("/", 1)[0]
+    return host.rsplit("@", 1)[-1]
+
+
+def estimate_tokens(text: str) -> int:
+    """About four characters per token: no offline tokenizer exists here (tiktoken needs the network)."""
+    return (len(text) + 3) // 4
+
+
+def estimate_prompt_tokens(messages: Sequence[ChatMessage]) -> int:
+    return sum(
+        estimate_tokens(message.content) + sum(estimate_tokens(call.arguments_json) for call in message.tool_calls)
+        for message in messages
+    )
