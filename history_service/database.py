@@ -2,7 +2,7 @@
 
 import logging
 
-from sqlalchemy import event, make_url, text
+from sqlalchemy import Pool, event, make_url, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 log = logging.getLogger(__name__)
@@ -11,8 +11,10 @@ log = logging.getLogger(__name__)
 SQLITE_BUSY_TIMEOUT_MS = 5_000
 
 
-def create_database_engine(url: str) -> AsyncEngine:
-    engine = create_async_engine(url, pool_pre_ping=True)
+def create_database_engine(url: str, *, poolclass: type[Pool] | None = None) -> AsyncEngine:
+    """An engine for the URL; NullPool (one connection per use) suits short jobs such as migrations."""
+    options = {"poolclass": poolclass} if poolclass is not None else {"pool_pre_ping": True}
+    engine = create_async_engine(url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
     log.info("database %s", describe_url(url))

@@ -6,6 +6,7 @@ that does not decode to the expected shape is InvalidArgument rather than a cras
 
 import base64
 import binascii
+import hashlib
 import json
 from datetime import datetime
 
@@ -15,6 +16,7 @@ from history_service.repository import canonical_id
 
 CONVERSATIONS_TAG = "c"
 MESSAGES_TAG = "m"
+SEARCH_TAG = "s"
 
 
 def encode_conversation_token(cursor: ConversationCursor) -> str:
@@ -51,6 +53,25 @@ def decode_message_token(token: str) -> int | None:
     if not isinstance(after_pk, int) or isinstance(after_pk, bool) or after_pk < 0:
         raise _invalid()
     return after_pk
+
+
+def encode_search_token(offset: int, query: str) -> str:
+    return _encode([SEARCH_TAG, offset, _fingerprint(query)])
+
+
+def decode_search_token(token: str, query: str) -> int:
+    """The offset to continue from (0 for the first page); a token from another query is invalid."""
+    if not token:
+        return 0
+    offset, fingerprint = _decode(token, SEARCH_TAG, field_count=2)
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or fingerprint != _fingerprint(query):
+        raise _invalid()
+    return offset
+
+
+def _fingerprint(query: str) -> str:
+    # Short: it only has to tell queries apart, not keep them secret.
+    return hashlib.sha256(query.encode()).hexdigest()[:12]
 
 
 def _encode(payload: list) -> str:

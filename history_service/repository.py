@@ -6,13 +6,14 @@ callers cannot tell these apart, so nobody learns that another user's conversati
 
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import Insert, and_, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from duplex.common.errors import NotFound
+from duplex.common.errors import InvalidArgument, NotFound
 from history_service.domain import (
     AppendResult,
     Conversation,
@@ -21,8 +22,10 @@ from history_service.domain import (
     Message,
     MessagePage,
     NewMessage,
+    Role,
+    UsageRecord,
 )
-from history_service.models import ConversationRow, MessageRow
+from history_service.models import ConversationRow, MessageRow, UsageDailyRow
 
 Clock = Callable[[], datetime]
 
@@ -43,6 +46,10 @@ def _conversation_not_found() -> NotFound:
     return NotFound("conversation not found")
 
 
+def dialect_name(session: AsyncSession) -> str:
+    return session.get_bind().dialect.name
+
+
 class HistoryRepository:
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], *, clock: Clock = utc_now):
         self._sessionmaker = sessionmaker
@@ -61,12 +68,12 @@ class HistoryRepository:
         async with self._sessionmaker() as session:
             session.add(row)
             await session.commit()
-        return _to_conversation(row)
+        return to_conversation(row)
 
     async def get_conversation(self, user_id: str, conversation_id: str) -> Conversation:
         async with self._sessionmaker() as session:
-            row = await self._owned_conversation(session, user_id, conversation_id)
-            return _to_conversation(row)
+            row = await owned_conversation(session, user_id, conversation_id)
+            return to_conversation(row)
 
     async def list_conversations(
         self, user_id: str, limit: int, after: ConversationCursor | None = None
@@ -87,10 +94,18 @@ class HistoryRepository:
         query = query.order_by(ConversationRow.updated_at.desc(), ConversationRow.id.desc())
         async with self._sessionmaker() as session:
             rows = (await session.scalars(query.limit(limit + 1))).all()
-        conversations = [_to_conversation(row) for row in rows[:limit]]
+        conversations = [to_conversation(row) for row in rows[:limit]]
         has_more = len(rows) > limit
         next_cursor = ConversationCursor(conversations[-1].updated_at, conversations[-1].id) if has_more else None
         return ConversationPage(conversations, next_cursor)
+
+    async def rename_conversation(self, user_id: str, conversation_id: str, title: str) -> Conversation:
+        """Set the title; updated_at stays, since it tracks messages (and orders the conversation list)."""
+        async with self._sessionmaker() as session:
+            row = await owned_conversation(session, user_id, conversation_id)
+            row.title = title
+            await session.commit()
+        return to_conversation(row)
 
     async def delete_conversation(self, user_id: str, conversation_id: str) -> None:
         """Delete it; its messages go with it through ON DELETE CASCADE."""
@@ -136,11 +151,32 @@ class HistoryRepository:
         if after_pk is not None:
             query = query.where(MessageRow.pk > after_pk)
         async with self._sessionmaker() as session:
-            conversation = await self._owned_conversation(session, user_id, conversation_id)
+            conversation = await owned_conversation(session, user_id, conversation_id)
             rows = (await session.scalars(query.where(MessageRow.conversation_id == conversation.id))).all()
-        messages = [_to_message(row) for row in rows[:limit]]
+        messages = [to_message(row) for row in rows[:limit]]
         has_more = len(rows) > limit
         return MessagePage(messages, messages[-1].pk if has_more else None)
+
+    async def conversation_with_messages(
+        self, user_id: str, conversation_id: str
+    ) -> tuple[Conversation, list[Message]]:
+        """The whole conversation, oldest message first (for export and summaries)."""
+        async with self._sessionmaker() as session:
+            conversation = await owned_conversation(session, user_id, conversation_id)
+            query = select(MessageRow).where(MessageRow.conversation_id == conversation.id).order_by(MessageRow.pk)
+            rows = (await session.scalars(query)).all()
+        return to_conversation(conversation), [to_message(row) for row in rows]
+
+    async def usage(self, user_id: str, first_day: date, last_day: date) -> list[UsageRecord]:
+        """Per model per day, oldest day first, both days included."""
+        query = (
+            select(UsageDailyRow)
+            .where(UsageDailyRow.user_id == user_id, UsageDailyRow.day.between(first_day, last_day))
+            .order_by(UsageDailyRow.day, UsageDailyRow.model)
+        )
+        async with self._sessionmaker() as session:
+            rows = (await session.scalars(query)).all()
+        return [UsageRecord(row.day, row.model, row.prompt_tokens, row.completion_tokens, row.messages) for row in rows]
 
     async def _insert_message(self, user_id: str, conversation_id: str, new: NewMessage) -> Message:
         now = self._clock()
@@ -156,10 +192,16 @@ class HistoryRepository:
             )
             if bumped.rowcount == 0:
                 raise _conversation_not_found()
+            if new.parent_message_id is not None:
+                await _require_message_in(session, conversation_id, new.parent_message_id)
             row = _new_message_row(conversation_id, new, now)
             session.add(row)
+            # Flush first: a duplicate client_message_id fails here, before usage is counted.
+            await session.flush()
+            if row.role is Role.ASSISTANT:
+                await session.execute(_add_usage(dialect_name(session), user_id, row))
             await session.commit()
-        return _to_message(row)
+        return to_message(row)
 
     async def _find_by_client_message_id(
         self, user_id: str, conversation_id: str, client_message_id: str
@@ -175,23 +217,53 @@ class HistoryRepository:
         )
         async with self._sessionmaker() as session:
             row = await session.scalar(query)
-        return _to_message(row) if row is not None else None
+        return to_message(row) if row is not None else None
 
-    @staticmethod
-    async def _owned_conversation(session: AsyncSession, user_id: str, conversation_id: str) -> ConversationRow:
-        stored_id = canonical_id(conversation_id)
-        if stored_id is None:
-            raise _conversation_not_found()
-        row = await session.get(ConversationRow, stored_id)
-        if row is None or row.user_id != user_id:
-            raise _conversation_not_found()
-        return row
+
+async def owned_conversation(session: AsyncSession, user_id: str, conversation_id: str) -> ConversationRow:
+    """The user's conversation, or NotFound (also for someone else's, and for malformed ids)."""
+    stored_id = canonical_id(conversation_id)
+    if stored_id is None:
+        raise _conversation_not_found()
+    row = await session.get(ConversationRow, stored_id)
+    if row is None or row.user_id != user_id:
+        raise _conversation_not_found()
+    return row
 
 
 def _require_positive(limit: int) -> None:
     # A page needs room for at least one row, or its cursor would have nothing to point at.
     if limit < 1:
         raise ValueError(f"page limit must be at least 1, got {limit}")
+
+
+async def _require_message_in(session: AsyncSession, conversation_id: str, message_id: str) -> None:
+    found = await session.scalar(
+        select(func.count()).where(MessageRow.id == message_id, MessageRow.conversation_id == conversation_id)
+    )
+    if not found:
+        raise InvalidArgument("parent_message_id is not a message of this conversation")
+
+
+def _add_usage(dialect: str, user_id: str, message: MessageRow) -> Insert:
+    """Add an assistant message to its user's daily usage: an upsert, so concurrent turns both count."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(UsageDailyRow).values(
+        user_id=user_id,
+        day=message.created_at.astimezone(UTC).date(),
+        model=message.model,
+        prompt_tokens=message.prompt_tokens,
+        completion_tokens=message.completion_tokens,
+        messages=1,
+    )
+    return statement.on_conflict_do_update(
+        index_elements=[UsageDailyRow.user_id, UsageDailyRow.day, UsageDailyRow.model],
+        set_={
+            UsageDailyRow.prompt_tokens: UsageDailyRow.prompt_tokens + statement.excluded.prompt_tokens,
+            UsageDailyRow.completion_tokens: UsageDailyRow.completion_tokens + statement.excluded.completion_tokens,
+            UsageDailyRow.messages: UsageDailyRow.messages + statement.excluded.messages,
+        },
+    )
 
 
 def _new_message_row(conversation_id: str, new: NewMessage, now: datetime) -> MessageRow:
@@ -207,10 +279,13 @@ def _new_message_row(conversation_id: str, new: NewMessage, now: datetime) -> Me
         prompt_tokens=new.prompt_tokens,
         completion_tokens=new.completion_tokens,
         created_at=now,
+        tool_calls_json=new.tool_calls_json,
+        tool_call_id=new.tool_call_id,
+        tool_name=new.tool_name,
     )
 
 
-def _to_conversation(row: ConversationRow) -> Conversation:
+def to_conversation(row: ConversationRow) -> Conversation:
     return Conversation(
         id=row.id,
         user_id=row.user_id,
@@ -221,7 +296,7 @@ def _to_conversation(row: ConversationRow) -> Conversation:
     )
 
 
-def _to_message(row: MessageRow) -> Message:
+def to_message(row: MessageRow) -> Message:
     return Message(
         pk=row.pk,
         id=row.id,
@@ -235,4 +310,7 @@ def _to_message(row: MessageRow) -> Message:
         prompt_tokens=row.prompt_tokens,
         completion_tokens=row.completion_tokens,
         created_at=row.created_at,
+        tool_calls_json=row.tool_calls_json,
+        tool_call_id=row.tool_call_id,
+        tool_name=row.tool_name,
     )

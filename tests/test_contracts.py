@@ -24,6 +24,7 @@ def test_chat_service_has_the_fixed_public_methods():
         "SendMessage": (False, True),
         "CancelTurn": (False, False),
         "ResumeStream": (False, True),
+        "CloseSession": (False, False),
     }
     kinds = {f.name for f in chat_pb2.ChatEvent.DESCRIPTOR.oneofs_by_name["kind"].fields}
     assert {"session_opened", "message_accepted", "turn_started", "delta", "tool_call", "tool_result",

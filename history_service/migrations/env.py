@@ -10,7 +10,7 @@ import asyncio
 from alembic import context
 from sqlalchemy import Connection, text
 
-from history_service.database import create_database_engine
+from history_service.migrate import create_migration_engine
 from history_service.models import Base
 from history_service.settings import HistorySettings
 
@@ -19,26 +19,22 @@ MIGRATION_LOCK_KEY = 0x64706C78
 
 
 def run_migrations(connection: Connection) -> None:
-    sqlite = connection.dialect.name == "sqlite"
-    if sqlite:
-        # A batch migration rebuilds a table by copy-and-drop; with foreign keys on, dropping a parent
-        # table would cascade-delete its children. PRAGMA only takes effect outside a transaction.
-        connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
-    try:
-        context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=sqlite)
-        with context.begin_transaction():
-            if connection.dialect.name == "postgresql":
-                # Two `duplex migrate` runs at once: the second waits, then finds nothing left to do.
-                connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-            context.run_migrations()
-    finally:
-        if sqlite:
-            connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+    """Run on a connection from history_service.migrate.create_migration_engine."""
+    context.configure(
+        connection=connection,
+        target_metadata=Base.metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            # Two `duplex migrate` runs at once: the second waits, then finds nothing left to do.
+            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        context.run_migrations()
 
 
 async def run_migrations_from_settings() -> None:
     settings = context.config.attributes.get("settings") or HistorySettings()
-    engine = create_database_engine(settings.effective_database_url())
+    engine = create_migration_engine(settings.effective_database_url())
     try:
         async with engine.connect() as connection:
             await connection.run_sync(run_migrations)

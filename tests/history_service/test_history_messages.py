@@ -122,11 +122,17 @@ def test_page_sizes_default_when_zero_and_clamp_when_too_large():
     assert page_size(1001, 100, 1000) == 1000
 
 
-@pytest.mark.parametrize("page_token", ["garbage", "bQ", "WyJtIiwtMV0", "WyJtIix0cnVlXQ", "WyJtIiwiMyJd"])
-async def test_garbage_message_page_tokens_are_invalid(stub, conversation_id, status_of, page_token):
-    # bQ is "m"; the others are ["m",-1], ["m",true] and ["m","3"].
-    request = history_pb2.ListMessagesRequest(user_id=ALICE, conversation_id=conversation_id, page_token=page_token)
-    assert await status_of(stub.ListMessages(request)) == INVALID
+# bQ is "m"; the others are ["m",-1], ["m",true] and ["m","3"].
+GARBAGE_MESSAGE_PAGE_TOKENS = ["garbage", "bQ", "WyJtIiwtMV0", "WyJtIix0cnVlXQ", "WyJtIiwiMyJd"]
+
+
+async def test_garbage_message_page_tokens_are_invalid(stub, conversation_id, status_of):
+    def list_messages(token: str):
+        request = history_pb2.ListMessagesRequest(user_id=ALICE, conversation_id=conversation_id, page_token=token)
+        return stub.ListMessages(request)
+
+    statuses = {token: await status_of(list_messages(token)) for token in GARBAGE_MESSAGE_PAGE_TOKENS}
+    assert statuses == dict.fromkeys(GARBAGE_MESSAGE_PAGE_TOKENS, INVALID)
 
 
 async def test_a_conversation_page_token_is_invalid_for_messages(stub, create_conversation, conversation_id, status_of):
