@@ -88,11 +88,14 @@ def run_bench(args) -> int:
 
 
 def migrate() -> int:
+    from duplex.common.logs import configure_logging
     from history_service.migrate import migrate as apply_migrations
     from history_service.settings import HistorySettings
 
-    asyncio.run(apply_migrations(HistorySettings()))
-    print("duplex migrate: the history database is up to date")
+    settings = HistorySettings()
+    configure_logging(settings.log_level, "migrate")
+    revision = asyncio.run(apply_migrations(settings))
+    print(f"duplex migrate: the history database is at revision {revision}")
     return 0
 
 
