@@ -39,6 +39,7 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._closers: list[Closer] = []
+        self._drainers: list[Closer] = []
         register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -48,6 +49,11 @@ class GrpcServer:
     def on_stop(self, closer: Closer) -> None:
         """Register a resource to close after the server stops; closed in reverse order."""
         self._closers.append(closer)
+
+    def on_drain(self, drainer: Closer) -> None:
+        """Register work to finish after the server reports NOT_SERVING and before it stops (within
+        the grace period), such as running answers."""
+        self._drainers.append(drainer)
 
     async def start(self, listen: str) -> int:
         self.port = self.server.add_insecure_port(listen)
@@ -65,8 +71,17 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
+        """NOT_SERVING first (so balancers move new work away), then drain, then stop within `grace`."""
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        deadline = asyncio.get_running_loop().time() + grace
+        if self._drainers and grace > 0:
+            drains = asyncio.gather(*(drainer() for drainer in self._drainers))
+            try:
+                await asyncio.wait_for(drains, grace)
+            except TimeoutError:
+                log.warning("drain did not finish within %.1fs; stopping anyway", grace)
+        self._drainers.clear()
+        await self.server.stop(max(0.0, deadline - asyncio.get_running_loop().time()))
         for closer in reversed(self._closers):
             try:
                 await closer()
