@@ -380,6 +380,7 @@ class TurnManager:
         self._settings = settings
         self._owner = owner
         self._tasks: set[asyncio.Task] = set()
+        self._draining = False
 
     async def start(
         self, hub: SessionHub, session: SessionContext, message: chat_pb2.UserMessage
@@ -387,6 +388,8 @@ class TurnManager:
         """Store the message and start answering it. Returns the turn and its logged message_accepted
         event, or (None, an ephemeral message_accepted) when the message is a duplicate."""
         self._validate(message)
+        if self._draining:
+            raise Unavailable("this server is shutting down; reconnect and send the message again")
         running = hub.turn
         if running is not None and running.answered:
             # The client saw the previous turn end; it is only logging its last events. Wait for that.
@@ -463,6 +466,12 @@ class TurnManager:
             log.exception("turn %s: unexpected failure", turn.id)
         finally:
             await self._hubs.release(turn.hub)
+
+    async def drain(self) -> None:
+        """Refuse new turns and let the running ones finish (the caller bounds how long)."""
+        self._draining = True
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     async def close(self) -> None:
         """Interrupt every running turn (each ends with a retryable error event) and wait for them."""
