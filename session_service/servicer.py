@@ -8,7 +8,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from duplex.common.errors import InvalidArgument
 from duplex.session.v1 import session_pb2, session_pb2_grpc
+from session_service.quota import QuotaStatus
 from session_service.store import LogEntry, SessionInfo, SessionStore
+
+# How "unlimited" reads in QuotaStatus, whose fields cannot say it otherwise: the field's largest value.
+UNLIMITED_MESSAGES = 2**32 - 1
+UNLIMITED_TOKENS = 2**64 - 1
 
 
 def _require(**fields: str) -> None:
@@ -34,6 +39,15 @@ def _session_to_proto(info: SessionInfo) -> session_pb2.Session:
         expires_at=_timestamp(info.expires_at),
         last_seq=info.last_seq,
         active_turn_id=info.active_turn_id,
+        persona=info.persona,
+        active_turn_owner=info.active_turn_owner,
+    )
+
+
+def _quota_to_proto(quota: QuotaStatus) -> session_pb2.QuotaStatus:
+    return session_pb2.QuotaStatus(
+        messages_remaining=UNLIMITED_MESSAGES if quota.messages_remaining is None else quota.messages_remaining,
+        tokens_remaining=UNLIMITED_TOKENS if quota.tokens_remaining is None else quota.tokens_remaining,
     )
 
 
@@ -62,6 +76,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             conversation_id=request.conversation_id,
             model=request.model,
             system_prompt=request.system_prompt,
+            persona=request.persona,
         )
         return session_pb2.OpenSessionResponse(session=_session_to_proto(info), resumed=resumed)
 
@@ -83,14 +98,16 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.BeginTurnRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.BeginTurnResponse:
         _require(user_id=request.user_id, session_id=request.session_id, turn_id=request.turn_id)
-        last_seq = await self._store.begin_turn(request.user_id, request.session_id, request.turn_id)
-        return session_pb2.BeginTurnResponse(last_seq=last_seq)
+        started = await self._store.begin_turn(
+            request.user_id, request.session_id, request.turn_id, owner=request.owner
+        )
+        return session_pb2.BeginTurnResponse(last_seq=started.last_seq, quota=_quota_to_proto(started.quota))
 
     async def EndTurn(
         self, request: session_pb2.EndTurnRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.EndTurnResponse:
         _require(session_id=request.session_id, turn_id=request.turn_id)
-        await self._store.end_turn(request.session_id, request.turn_id)
+        await self._store.end_turn(request.session_id, request.turn_id, tokens=request.tokens)
         return session_pb2.EndTurnResponse()
 
     async def AppendEvents(

@@ -1,8 +1,8 @@
-"""Session state, running turns and per-session event logs.
+"""Session state, running turns, per-session event logs, quotas and session-end records.
 
-`SessionStore` is what the servicer talks to; `MemorySessionStore` is the embedded backend. A Redis backend
-implements the same protocol later. Errors are duplex.common.errors exceptions, so every backend answers
-with the same gRPC codes.
+`SessionStore` is what the servicer talks to. `MemorySessionStore` (here) is the embedded backend,
+`RedisSessionStore` (session_service/redis_store.py) the production one; both answer with the same
+duplex.common.errors exceptions, so every backend gives the same gRPC codes and messages.
 """
 
 import asyncio
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from duplex.common.errors import Aborted, FailedPrecondition, NotFound, OutOfRange
+from session_service.quota import NO_LIMITS, MemoryQuotas, QuotaLimits, QuotaStatus
+from session_service.session_end import EndedSession, Housekeeper, SessionEndRecorder, retry_delay, try_record
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +25,7 @@ MAX_EVENTS_PER_BATCH = 500
 # Expired sessions are also caught on access; the sweeper only bounds how long forgotten ones linger.
 MAX_SWEEP_INTERVAL_SECONDS = 30.0
 MIN_SWEEP_INTERVAL_SECONDS = 0.01
+DEFAULT_END_RETRY_SECONDS = 1.0
 
 Clock = Callable[[], float]
 
@@ -50,6 +53,16 @@ class SessionInfo:
     expires_at: float
     last_seq: int
     active_turn_id: str
+    persona: str = ""
+    active_turn_owner: str = ""
+
+
+@dataclass(frozen=True)
+class TurnStart:
+    """What BeginTurn answers: where the log stands and what is left of the user's quotas."""
+
+    last_seq: int
+    quota: QuotaStatus
 
 
 class SessionStore(Protocol):
@@ -57,13 +70,16 @@ class SessionStore(Protocol):
     exactly as for one that does not exist, so existence never leaks."""
 
     async def start(self) -> None:
-        """Start background work (expiry)."""
+        """Start background work (expiry, recording ended sessions)."""
 
     async def close(self) -> None:
         """Stop background work, end every reader and release resources."""
 
+    async def is_ready(self) -> bool:
+        """Whether the backend answers (health)."""
+
     async def open_session(
-        self, user_id: str, session_id: str, *, conversation_id: str, model: str, system_prompt: str
+        self, user_id: str, session_id: str, *, conversation_id: str, model: str, system_prompt: str, persona: str = ""
     ) -> tuple[SessionInfo, bool]:
         """Create a session (empty session_id) or re-attach to one; returns it and whether it was resumed."""
 
@@ -71,13 +87,18 @@ class SessionStore(Protocol):
         """Return the session without refreshing its TTL."""
 
     async def close_session(self, user_id: str, session_id: str) -> None:
-        """Drop the session and its log; its readers end."""
+        """Drop the session and its log; its readers end; its end is recorded."""
 
-    async def begin_turn(self, user_id: str, session_id: str, turn_id: str) -> int:
-        """Mark turn_id as running; returns the log's last seq."""
+    async def begin_turn(self, user_id: str, session_id: str, turn_id: str, *, owner: str = "") -> TurnStart:
+        """Mark turn_id as running (owned by `owner`), counting one message against the user's quota.
 
-    async def end_turn(self, session_id: str, turn_id: str) -> None:
-        """Clear the running turn if it is turn_id; a no-op otherwise."""
+        Beginning the turn that is already the session's turn is a retry: it renews the lease and counts
+        nothing. FailedPrecondition while another turn runs or when turn_id already ended;
+        ResourceExhausted (with retry_after) over quota. A refusal changes nothing."""
+
+    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0) -> None:
+        """Clear the running turn if it is turn_id (a no-op otherwise); count `tokens` against the owner's
+        daily quota once per begun turn, however often EndTurn is repeated."""
 
     async def append_events(self, session_id: str, events: Sequence[LogEntry]) -> int:
         """Append events whose seqs continue the log; returns the new last seq."""
@@ -86,6 +107,54 @@ class SessionStore(Protocol):
         self, user_id: str, session_id: str, after_seq: int, *, follow: bool
     ) -> AsyncIterator[list[LogEntry]]:
         """Yield the events after after_seq in batches; with follow, keep going while a turn runs."""
+
+
+# -- rules and messages shared by every backend
+
+
+def check_contiguous(last_seq: int, seqs: Sequence[int]) -> None:
+    if not seqs:
+        raise no_events_error(last_seq + 1)
+    for offset, seq in enumerate(seqs):
+        expected = last_seq + 1 + offset
+        if seq != expected:
+            raise gap_error(expected, seq)
+
+
+def no_events_error(expected: int) -> Aborted:
+    return Aborted(f"expected events starting at seq {expected}, got none")
+
+
+def gap_error(expected: int, got: int) -> Aborted:
+    return Aborted(f"expected seq {expected}, got {got}")
+
+
+def trimmed_error(after_seq: int, first_retained: int) -> OutOfRange:
+    """A cursor whose next events were dropped is refused rather than silently skipping them.
+
+    A cursor AHEAD of the log is fine: a client may have seen events live that the gateway has not
+    appended yet; with follow it simply receives what comes after its cursor once they land."""
+    return OutOfRange(f"events after seq {after_seq} were dropped; the log starts at seq {first_retained}")
+
+
+def session_not_found(session_id: str) -> NotFound:
+    return NotFound(f"session {session_id} not found")
+
+
+def turn_running_error() -> FailedPrecondition:
+    return FailedPrecondition("a turn is already running")
+
+
+def turn_ended_error(turn_id: str) -> FailedPrecondition:
+    # A late retry of a finished turn must not mark the session busy again with nobody running it.
+    return FailedPrecondition(f"turn {turn_id} already ended")
+
+
+def sweep_interval(ttl_seconds: float) -> float:
+    return min(MAX_SWEEP_INTERVAL_SECONDS, max(MIN_SWEEP_INTERVAL_SECONDS, ttl_seconds / 2))
+
+
+# -- the memory backend
 
 
 class _ChangeSignal:
@@ -110,7 +179,11 @@ class _ChangeSignal:
 @dataclass
 class _Turn:
     turn_id: str
+    owner: str
     lease_expires_at: float
+
+
+_BEGUN, _ENDED = "begun", "ended"
 
 
 @dataclass
@@ -120,6 +193,7 @@ class _Session:
     conversation_id: str
     model: str
     system_prompt: str
+    persona: str
     created_at: float
     expires_at: float
     last_seq: int = 0
@@ -127,6 +201,8 @@ class _Session:
     events: list[LogEntry] = field(default_factory=list)
     # Kept after its lease expires, until EndTurn or a takeover, but then no longer counts as running.
     turn: _Turn | None = None
+    # turn id -> _BEGUN / _ENDED, so a turn's tokens are counted once and an ended turn is not restarted.
+    turn_states: dict[str, str] = field(default_factory=dict)
     closed: bool = False
     changes: _ChangeSignal = field(default_factory=_ChangeSignal)
 
@@ -150,35 +226,36 @@ class _Session:
             conversation_id=self.conversation_id,
             model=self.model,
             system_prompt=self.system_prompt,
+            persona=self.persona,
             created_at=self.created_at,
             expires_at=self.expires_at,
             last_seq=self.last_seq,
             active_turn_id=turn.turn_id if turn else "",
+            active_turn_owner=turn.owner if turn else "",
         )
 
+    def ended(self, ended_at: float) -> EndedSession:
+        return EndedSession(self.user_id, self.session_id, self.conversation_id, self.created_at, ended_at)
 
-def _check_contiguous(last_seq: int, events: Sequence[LogEntry]) -> None:
-    if not events:
-        raise Aborted(f"expected events starting at seq {last_seq + 1}, got none")
-    for offset, event in enumerate(events):
-        expected = last_seq + 1 + offset
-        if event.seq != expected:
-            raise Aborted(f"expected seq {expected}, got {event.seq}")
+
+@dataclass
+class _PendingEnd:
+    ended: EndedSession
+    due: float
+    attempts: int = 0
 
 
 def _check_not_trimmed(session: _Session, after_seq: int) -> None:
-    """Refuse a cursor whose next events were dropped, rather than silently skipping them.
-
-    A cursor AHEAD of the log is fine: a client may have seen events live that the gateway has not
-    appended yet; with follow it simply receives what comes after its cursor once they land.
-    """
     first = session.first_retained_seq()
     if after_seq + 1 < first:
-        raise OutOfRange(f"events after seq {after_seq} were dropped; the log starts at seq {first}")
+        raise trimmed_error(after_seq, first)
 
 
 class MemorySessionStore:
-    """Sessions in this process's memory: fast, and gone when the process stops."""
+    """Sessions in this process's memory: fast, and gone when the process stops.
+
+    Sessions still open when the store closes are not recorded as ended (they die with the process);
+    neither are end records still waiting for a retry."""
 
     def __init__(
         self,
@@ -186,6 +263,9 @@ class MemorySessionStore:
         ttl_seconds: float,
         log_max_events: int,
         turn_lease_seconds: float,
+        quota_limits: QuotaLimits = NO_LIMITS,
+        recorder: SessionEndRecorder | None = None,
+        end_retry_seconds: float = DEFAULT_END_RETRY_SECONDS,
         clock: Clock = time.time,
     ) -> None:
         if log_max_events < 1:
@@ -193,24 +273,26 @@ class MemorySessionStore:
         self._ttl = ttl_seconds
         self._log_max_events = log_max_events
         self._turn_lease = turn_lease_seconds
+        self._quotas = MemoryQuotas(quota_limits)
+        self._recorder = recorder
+        self._end_retry = end_retry_seconds
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
-        self._sweeper: asyncio.Task[None] | None = None
+        self._pending_ends: list[_PendingEnd] = []
+        self._housekeeper = Housekeeper("session-sweeper", self._housekeep, sweep_interval(ttl_seconds))
 
     # -- lifecycle
 
     async def start(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.create_task(self._sweep_forever(), name="session-sweeper")
+        self._housekeeper.start()
 
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
-            self._sweeper = None
+        await self._housekeeper.stop()
         for session in list(self._sessions.values()):
             self._remove(session, "store closed")
+
+    async def is_ready(self) -> bool:
+        return True
 
     def session_count(self) -> int:
         return len(self._sessions)
@@ -218,17 +300,19 @@ class MemorySessionStore:
     # -- sessions
 
     async def open_session(
-        self, user_id: str, session_id: str, *, conversation_id: str, model: str, system_prompt: str
+        self, user_id: str, session_id: str, *, conversation_id: str, model: str, system_prompt: str, persona: str = ""
     ) -> tuple[SessionInfo, bool]:
         if not session_id:
-            session = self._create(user_id, conversation_id, model, system_prompt)
+            session = self._create(user_id, conversation_id, model, system_prompt, persona)
             return session.info(self._clock()), False
         session = self._owned(user_id, session_id)
-        # A re-attach may switch model or persona; the conversation stays the session's own.
+        # A re-attach may switch model, prompt or persona; the conversation stays the session's own.
         if model:
             session.model = model
         if system_prompt:
             session.system_prompt = system_prompt
+        if persona:
+            session.persona = persona
         self._touch(session)
         return session.info(self._clock()), True
 
@@ -241,27 +325,43 @@ class MemorySessionStore:
 
     # -- turns
 
-    async def begin_turn(self, user_id: str, session_id: str, turn_id: str) -> int:
+    async def begin_turn(self, user_id: str, session_id: str, turn_id: str, *, owner: str = "") -> TurnStart:
         session = self._owned(user_id, session_id)
         now = self._clock()
-        running = session.running_turn(now)
-        if running is not None and running.turn_id != turn_id:
-            raise FailedPrecondition("a turn is already running")
-        if running is None and session.turn is not None:
+        if session.turn is not None and session.turn.turn_id == turn_id:
+            quota = self._quotas.status(user_id, now)  # a retry: the message was counted the first time
+        else:
+            quota = self._start_new_turn(session, turn_id, now)
+        session.turn = _Turn(turn_id, owner, lease_expires_at=now + self._turn_lease)
+        session.turn_states[turn_id] = _BEGUN
+        self._touch(session)
+        session.changes.notify()
+        return TurnStart(session.last_seq, quota)
+
+    def _start_new_turn(self, session: _Session, turn_id: str, now: float) -> QuotaStatus:
+        """Every check that can refuse comes before the one change (counting the message)."""
+        if session.running_turn(now) is not None:
+            raise turn_running_error()
+        if session.turn_states.get(turn_id) == _ENDED:
+            raise turn_ended_error(turn_id)
+        self._quotas.check(session.user_id, now)
+        if session.turn is not None:
             log.warning(
                 "session %s: turn %s takes over turn %s whose lease expired",
-                session_id,
+                session.session_id,
                 turn_id,
                 session.turn.turn_id,
             )
-        session.turn = _Turn(turn_id, lease_expires_at=now + self._turn_lease)
-        self._touch(session)
-        session.changes.notify()
-        return session.last_seq
+        return self._quotas.count_message(session.user_id, now)
 
-    async def end_turn(self, session_id: str, turn_id: str) -> None:
+    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0) -> None:
         session = self._live(session_id)
-        if session is None or session.turn is None or session.turn.turn_id != turn_id:
+        if session is None:
+            return
+        if session.turn_states.get(turn_id) == _BEGUN:
+            session.turn_states[turn_id] = _ENDED
+            self._quotas.add_tokens(session.user_id, tokens, self._clock())
+        if session.turn is None or session.turn.turn_id != turn_id:
             return
         session.turn = None
         self._touch(session)
@@ -273,8 +373,8 @@ class MemorySessionStore:
     async def append_events(self, session_id: str, events: Sequence[LogEntry]) -> int:
         session = self._live(session_id)
         if session is None:
-            raise NotFound(f"session {session_id} not found")
-        _check_contiguous(session.last_seq, events)
+            raise session_not_found(session_id)
+        check_contiguous(session.last_seq, [event.seq for event in events])
         session.events.extend(events)
         session.last_seq = events[-1].seq
         overflow = len(session.events) - self._log_max_events
@@ -314,7 +414,7 @@ class MemorySessionStore:
 
     # -- internals
 
-    def _create(self, user_id: str, conversation_id: str, model: str, system_prompt: str) -> _Session:
+    def _create(self, user_id: str, conversation_id: str, model: str, system_prompt: str, persona: str) -> _Session:
         now = self._clock()
         session = _Session(
             session_id=uuid.uuid4().hex,
@@ -322,6 +422,7 @@ class MemorySessionStore:
             conversation_id=conversation_id,
             model=model,
             system_prompt=system_prompt,
+            persona=persona,
             created_at=now,
             expires_at=now + self._ttl,
         )
@@ -340,7 +441,7 @@ class MemorySessionStore:
         session = self._live(session_id)
         # Same answer for "not yours" and "does not exist", so existence never leaks.
         if session is None or session.user_id != user_id:
-            raise NotFound(f"session {session_id} not found")
+            raise session_not_found(session_id)
         return session
 
     def _is_open(self, session: _Session) -> bool:
@@ -359,24 +460,48 @@ class MemorySessionStore:
         session.events.clear()
         session.changes.notify()
         log.info("session %s %s", session.session_id, reason)
+        if reason in ("closed", "expired"):
+            # An expired session ended when it expired, not when someone noticed.
+            ended_at = session.expires_at if reason == "expired" else self._clock()
+            self._queue_end(session.ended(ended_at))
+
+    def _queue_end(self, ended: EndedSession) -> None:
+        if self._recorder is None:
+            return
+        self._pending_ends.append(_PendingEnd(ended, due=self._clock()))
+        self._housekeeper.poke()
 
     async def _wait(self, changed: asyncio.Event, *, until: float) -> None:
         timeout = max(0.0, until - self._clock())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), timeout)
 
-    def _sweep_interval(self) -> float:
-        return min(MAX_SWEEP_INTERVAL_SECONDS, max(MIN_SWEEP_INTERVAL_SECONDS, self._ttl / 2))
-
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_interval())
-            try:
-                self._sweep()
-            except Exception:
-                log.exception("sweeping expired sessions failed")
+    async def _housekeep(self) -> float | None:
+        self._sweep()
+        self._quotas.forget_idle(self._clock())
+        return await self._record_due_ends()
 
     def _sweep(self) -> None:
         for session in list(self._sessions.values()):
             # _is_open removes the session when it has expired, which also ends its followers.
             self._is_open(session)
+
+    async def _record_due_ends(self) -> float | None:
+        """Deliver the end records that are due; returns seconds until the next one is."""
+        now = self._clock()
+        due = [pending for pending in self._pending_ends if pending.due <= now]
+        if due:
+            delivered = await asyncio.gather(*(self._deliver(pending) for pending in due))
+            sent = {id(pending) for pending, ok in zip(due, delivered, strict=True) if ok}
+            self._pending_ends = [pending for pending in self._pending_ends if id(pending) not in sent]
+        if not self._pending_ends:
+            return None
+        return min(pending.due for pending in self._pending_ends) - self._clock()
+
+    async def _deliver(self, pending: _PendingEnd) -> bool:
+        assert self._recorder is not None
+        pending.attempts += 1
+        if await try_record(self._recorder, pending.ended, pending.attempts):
+            return True
+        pending.due = self._clock() + retry_delay(pending.attempts, self._end_retry)
+        return False

@@ -4,7 +4,8 @@ import asyncio
 
 import pytest
 
-from duplex.common.errors import NotFound, OutOfRange
+from duplex.common.errors import NotFound, OutOfRange, ResourceExhausted
+from session_service.quota import DAY_SECONDS, QuotaLimits
 from session_service.store import LogEntry, MemorySessionStore
 
 TTL = 100.0
@@ -147,3 +148,59 @@ async def test_followers_wake_for_every_append_without_polling(store):
     await store.end_turn(session_id, "t1")
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(reader), 1)
+
+
+# -- quotas, with the fake clock
+
+
+def quota_store(clock: FakeClock, messages: int = 0, tokens: int = 0) -> MemorySessionStore:
+    limits = QuotaLimits(messages_per_minute=messages, tokens_per_day=tokens)
+    return MemorySessionStore(
+        ttl_seconds=TTL, log_max_events=5, turn_lease_seconds=LEASE, quota_limits=limits, clock=clock
+    )
+
+
+async def test_the_message_window_slides(clock):
+    store = quota_store(clock, messages=2)
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "t1")
+    await store.end_turn(session_id, "t1")
+    clock.advance(10)
+    await store.begin_turn("alice", session_id, "t2")
+    await store.end_turn(session_id, "t2")
+
+    clock.advance(20)
+    with pytest.raises(ResourceExhausted) as refused:
+        await store.begin_turn("alice", session_id, "t3")
+    # The first message (30 s ago) leaves the window in 30 s.
+    assert refused.value.retry_after == pytest.approx(30)
+
+    clock.advance(30)
+    started = await store.begin_turn("alice", session_id, "t3")
+    assert started.quota.messages_remaining == 0
+
+
+async def test_the_token_count_starts_afresh_at_utc_midnight(clock):
+    clock.now = 20_000 * DAY_SECONDS - 10  # ten seconds before a UTC midnight
+    store = quota_store(clock, tokens=100)
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "t1")
+    await store.end_turn(session_id, "t1", tokens=100)
+    with pytest.raises(ResourceExhausted) as refused:
+        await store.begin_turn("alice", session_id, "t2")
+    assert refused.value.retry_after == pytest.approx(10)
+
+    clock.advance(10)
+    started = await store.begin_turn("alice", session_id, "t2")
+    assert started.quota.tokens_remaining == 100
+
+
+async def test_a_retried_begin_turn_after_the_lease_ran_out_counts_nothing(clock):
+    store = quota_store(clock, messages=1)
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "t1", owner="gw")
+    clock.advance(LEASE + 1)
+    # The session's own turn, begun again by its owner: a retry, not a second message.
+    started = await store.begin_turn("alice", session_id, "t1", owner="gw")
+    assert started.quota.messages_remaining == 0
+    assert (await store.get_session("alice", session_id)).active_turn_id == "t1"

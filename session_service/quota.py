@@ -1,0 +1,125 @@
+"""Per-user quotas: messages per minute and tokens per UTC day.
+
+Both backends implement the same rules; the memory store uses `MemoryQuotas`, the Redis store the same
+rules in Lua (session_service/redis_scripts.py).
+
+- Messages: a SLIDING one-minute window (a log of message times per user). A BeginTurn that starts a
+  new turn counts one message; it is refused while the user already sent `messages_per_minute` messages
+  in the last 60 s, with retry_after = when the oldest of them leaves the window.
+- Tokens: a counter per user and UTC day, fed by EndTurn(tokens) once per turn. A BeginTurn is refused
+  while the day's count has reached `tokens_per_day`, with retry_after = time until UTC midnight. A turn
+  may overshoot the limit (its size is only known at its end); the next one is refused.
+- A limit of 0 means unlimited; the remaining amount is then reported as None.
+"""
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+from duplex.common.errors import ResourceExhausted
+
+MESSAGE_WINDOW_SECONDS = 60.0
+DAY_SECONDS = 86_400.0
+# A retry-after of 0 would not travel at all (duplex.common.errors sends none); never promise "right now".
+MIN_RETRY_AFTER_SECONDS = 0.001
+
+
+@dataclass(frozen=True)
+class QuotaLimits:
+    """0 means unlimited."""
+
+    messages_per_minute: int = 0
+    tokens_per_day: int = 0
+
+
+NO_LIMITS = QuotaLimits()
+
+
+@dataclass(frozen=True)
+class QuotaStatus:
+    """What is left after the current message; None when that quota is unlimited."""
+
+    messages_remaining: int | None
+    tokens_remaining: int | None
+
+
+def utc_day(now: float) -> int:
+    """Days since the epoch: the epoch is UTC midnight, so this flips exactly at UTC midnight."""
+    return math.floor(now / DAY_SECONDS)
+
+
+def seconds_until_utc_midnight(now: float) -> float:
+    return (utc_day(now) + 1) * DAY_SECONDS - now
+
+
+def messages_exhausted(limit: int, retry_after: float) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"message quota exhausted: {limit} messages per minute",
+        retry_after=max(MIN_RETRY_AFTER_SECONDS, retry_after),
+    )
+
+
+def tokens_exhausted(limit: int, retry_after: float) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"daily token quota exhausted: {limit} tokens per day",
+        retry_after=max(MIN_RETRY_AFTER_SECONDS, retry_after),
+    )
+
+
+def remaining(limit: int, used: int) -> int | None:
+    return None if limit <= 0 else max(0, limit - used)
+
+
+class MemoryQuotas:
+    """The memory store's quota book. Not thread-safe; it lives on the event loop like the store."""
+
+    def __init__(self, limits: QuotaLimits) -> None:
+        self._limits = limits
+        self._sent: dict[str, deque[float]] = {}  # user -> times of the messages in the window, oldest first
+        self._tokens: dict[str, tuple[int, int]] = {}  # user -> (utc day, tokens used that day)
+
+    def check(self, user_id: str, now: float) -> None:
+        """Raise ResourceExhausted if the user may not send a message now. Changes nothing."""
+        tokens_limit = self._limits.tokens_per_day
+        if tokens_limit > 0 and self._tokens_used(user_id, now) >= tokens_limit:
+            raise tokens_exhausted(tokens_limit, seconds_until_utc_midnight(now))
+        messages_limit = self._limits.messages_per_minute
+        sent = self._window(user_id, now)
+        if messages_limit > 0 and len(sent) >= messages_limit:
+            raise messages_exhausted(messages_limit, sent[0] + MESSAGE_WINDOW_SECONDS - now)
+
+    def count_message(self, user_id: str, now: float) -> QuotaStatus:
+        """Count one message (after `check` passed) and return what is left."""
+        if self._limits.messages_per_minute > 0:
+            self._sent.setdefault(user_id, deque()).append(now)
+        return self.status(user_id, now)
+
+    def status(self, user_id: str, now: float) -> QuotaStatus:
+        return QuotaStatus(
+            messages_remaining=remaining(self._limits.messages_per_minute, len(self._window(user_id, now))),
+            tokens_remaining=remaining(self._limits.tokens_per_day, self._tokens_used(user_id, now)),
+        )
+
+    def add_tokens(self, user_id: str, tokens: int, now: float) -> None:
+        if tokens > 0:
+            self._tokens[user_id] = (utc_day(now), self._tokens_used(user_id, now) + tokens)
+
+    def forget_idle(self, now: float) -> None:
+        """Drop users with nothing in the window and no tokens today, so the book does not grow forever."""
+        for user_id in list(self._sent):
+            if not self._window(user_id, now):
+                del self._sent[user_id]
+        today = utc_day(now)
+        for user_id, (day, _) in list(self._tokens.items()):
+            if day != today:
+                del self._tokens[user_id]
+
+    def _window(self, user_id: str, now: float) -> deque[float]:
+        sent = self._sent.get(user_id, deque())
+        while sent and sent[0] <= now - MESSAGE_WINDOW_SECONDS:
+            sent.popleft()
+        return sent
+
+    def _tokens_used(self, user_id: str, now: float) -> int:
+        day, used = self._tokens.get(user_id, (-1, 0))
+        return used if day == utc_day(now) else 0

@@ -1,0 +1,387 @@
+"""The Lua scripts behind RedisSessionStore: every state change is one script, so it is atomic across
+replicas. Each script is PRELUDE + its body.
+
+Layout (P = the key prefix, S = a session id; times are Redis server milliseconds, from TIME, so replicas
+never compare their own clocks):
+
+- P session:S   hash: user, conv, model, prompt, persona, created_ms, expires_ms, last_seq,
+                turn, owner, lease_ms (the session's turn: kept after its lease ran out until EndTurn or a
+                takeover, but then no longer running)
+- P log:S       stream: entry `<seq>-0` per event (fields turn, payload, terminal). Entries `<seq>-<n>`
+                with n > 0 are control entries (EndTurn, close, expiry) that only wake blocked readers;
+                readers skip them.
+- P turns:S     hash: turn id -> "begun" | "ended" (tokens counted once per turn; no restart of an ended turn)
+- P expiries    sorted set: session id scored by expires_ms; the sweepers' index
+- P ended       sorted set: session ids whose end awaits recording, scored by when to try next
+- P ended:S     hash: user, conv, created_ms, ended_ms, attempts (the record to deliver)
+- P quota:messages:U  sorted set: the user's messages in the last minute (member = session:turn)
+- P quota:tokens:U    hash: day (days since epoch, UTC), used
+
+Per-session keys carry Redis TTLs of the session TTL plus a grace period: the sweeper decides expiry
+(it must record the end first); Redis' TTL only removes what no sweeper got to, e.g. all replicas down.
+"""
+
+PRELUDE = r"""
+local MINUTE_MS = 60000
+local DAY_MS = 86400000
+-- After a close or expiry the log lingers this long so readers blocked in XREAD wake on the control
+-- entry (a deleted stream would not wake them) and see the session gone.
+local CLOSED_LOG_LINGER_MS = 5000
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function int(n)
+  return string.format('%d', n)
+end
+
+local function load_hash(key)
+  local flat = redis.call('HGETALL', key)
+  if #flat == 0 then return nil end
+  local h = {}
+  for i = 1, #flat, 2 do h[flat[i]] = flat[i + 1] end
+  return h
+end
+
+local function keys_of(prefix, sid)
+  return {
+    session = prefix .. 'session:' .. sid, log = prefix .. 'log:' .. sid, turns = prefix .. 'turns:' .. sid,
+    expiries = prefix .. 'expiries', ended = prefix .. 'ended', ended_record = prefix .. 'ended:' .. sid,
+  }
+end
+
+-- Session scripts get these declared keys first, in this order (RedisKeys.of_session).
+local function declared_keys()
+  return {
+    session = KEYS[1], log = KEYS[2], turns = KEYS[3], expiries = KEYS[4], ended = KEYS[5], ended_record = KEYS[6],
+  }
+end
+
+-- Missing or past its expiry: callers see no session. Expired ones are left for a sweeper to claim.
+local function live_session(k, now)
+  local s = load_hash(k.session)
+  if s == nil or tonumber(s.expires_ms) <= now then return nil end
+  return s
+end
+
+local function owned_session(k, user, now)
+  local s = live_session(k, now)
+  if s == nil or s.user ~= user then return nil end
+  return s
+end
+
+local function turn_running(s, now)
+  return s.turn ~= '' and tonumber(s.lease_ms) > now
+end
+
+-- The sliding TTL: the logical expiry and the sweepers' index move together.
+local function touch(k, sid, s, now, ttl_ms, grace_ms)
+  local expires = now + ttl_ms
+  s.expires_ms = int(expires)
+  redis.call('HSET', k.session, 'expires_ms', s.expires_ms)
+  redis.call('ZADD', k.expiries, expires, sid)
+  redis.call('PEXPIRE', k.session, ttl_ms + grace_ms)
+  redis.call('PEXPIRE', k.log, ttl_ms + grace_ms)
+  redis.call('PEXPIRE', k.turns, ttl_ms + grace_ms)
+end
+
+local function info(s, now)
+  return {'OK', int(now), s.user, s.conv, s.model, s.prompt, s.persona, s.created_ms, s.expires_ms,
+          s.last_seq, s.turn, s.owner, s.lease_ms}
+end
+
+-- A control entry sorts after the data entry <last_seq>-0 and before <last_seq + 1>-0.
+local function wake_followers(k, s)
+  redis.call('XADD', k.log, s.last_seq .. '-*', 'control', '1')
+end
+
+local function end_session(k, sid, s, ended_ms, now, record)
+  redis.call('ZREM', k.expiries, sid)
+  if record == '1' then
+    redis.call('HSET', k.ended_record, 'user', s.user, 'conv', s.conv, 'created_ms', s.created_ms,
+               'ended_ms', int(ended_ms), 'attempts', '0')
+    redis.call('ZADD', k.ended, now, sid)
+  end
+  wake_followers(k, s)
+  redis.call('DEL', k.session, k.turns)
+  redis.call('PEXPIRE', k.log, CLOSED_LOG_LINGER_MS)
+end
+
+local function tokens_used_today(key, day)
+  local h = redis.call('HMGET', key, 'day', 'used')
+  if h[1] and tonumber(h[1]) == day then return tonumber(h[2]) end
+  return 0
+end
+
+local function remaining_or_unlimited(limit, used)
+  if limit <= 0 then return '-1' end
+  return int(math.max(0, limit - used))
+end
+"""
+
+# KEYS: session keys. ARGV: sid, user, conv, model, prompt, persona, ttl_ms, grace_ms
+OPEN_NEW = r"""
+local k = declared_keys()
+local sid, ttl_ms, grace_ms = ARGV[1], tonumber(ARGV[7]), tonumber(ARGV[8])
+local now = now_ms()
+local s = {user = ARGV[2], conv = ARGV[3], model = ARGV[4], prompt = ARGV[5], persona = ARGV[6],
+           created_ms = int(now), last_seq = '0', turn = '', owner = '', lease_ms = '0'}
+redis.call('HSET', k.session, 'user', s.user, 'conv', s.conv, 'model', s.model, 'prompt', s.prompt,
+           'persona', s.persona, 'created_ms', s.created_ms, 'last_seq', s.last_seq, 'turn', s.turn,
+           'owner', s.owner, 'lease_ms', s.lease_ms)
+touch(k, sid, s, now, ttl_ms, grace_ms)
+return info(s, now)
+"""
+
+# KEYS: session keys. ARGV: sid, user, model, prompt, persona, ttl_ms, grace_ms
+REOPEN = r"""
+local k = declared_keys()
+local sid, user, ttl_ms, grace_ms = ARGV[1], ARGV[2], tonumber(ARGV[6]), tonumber(ARGV[7])
+local now = now_ms()
+local s = owned_session(k, user, now)
+if s == nil then return {'NOT_FOUND'} end
+local changes = {model = ARGV[3], prompt = ARGV[4], persona = ARGV[5]}
+for name, value in pairs(changes) do
+  if value ~= '' then
+    s[name] = value
+    redis.call('HSET', k.session, name, value)
+  end
+end
+touch(k, sid, s, now, ttl_ms, grace_ms)
+return info(s, now)
+"""
+
+# KEYS: session keys. ARGV: user
+GET = r"""
+local k = declared_keys()
+local now = now_ms()
+local s = owned_session(k, ARGV[1], now)
+if s == nil then return {'NOT_FOUND'} end
+return info(s, now)
+"""
+
+# KEYS: session keys. ARGV: sid, user, record ('1' to queue the end for history_service)
+CLOSE = r"""
+local k = declared_keys()
+local now = now_ms()
+local s = owned_session(k, ARGV[2], now)
+if s == nil then return {'NOT_FOUND'} end
+end_session(k, ARGV[1], s, now, now, ARGV[3])
+return {'OK'}
+"""
+
+# KEYS: session keys, messages window, tokens counter.
+# ARGV: sid, user, turn, owner, ttl_ms, grace_ms, lease_ms, messages_per_minute, tokens_per_day
+# Returns OK last_seq messages_remaining tokens_remaining taken_over_turn | BUSY | TURN_ENDED
+#       | TOKENS retry_ms | MESSAGES retry_ms | NOT_FOUND. A refusal changes nothing (beyond forgetting
+# messages older than the window).
+BEGIN_TURN = r"""
+local k = declared_keys()
+local window_key, tokens_key = KEYS[7], KEYS[8]
+local sid, user, turn_id, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local ttl_ms, grace_ms, lease_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local message_limit, token_limit = tonumber(ARGV[8]), tonumber(ARGV[9])
+local now = now_ms()
+local s = owned_session(k, user, now)
+if s == nil then return {'NOT_FOUND'} end
+
+local day = math.floor(now / DAY_MS)
+local tokens_used = tokens_used_today(tokens_key, day)
+local sent = 0
+if message_limit > 0 then
+  redis.call('ZREMRANGEBYSCORE', window_key, '-inf', now - MINUTE_MS)
+  sent = redis.call('ZCARD', window_key)
+end
+
+local taken_over = ''
+if s.turn ~= turn_id then
+  -- A new turn (not a retry of the session's own): every check that can refuse, then count it.
+  if turn_running(s, now) then return {'BUSY'} end
+  if redis.call('HGET', k.turns, turn_id) == 'ended' then return {'TURN_ENDED'} end
+  if token_limit > 0 and tokens_used >= token_limit then
+    return {'TOKENS', int((day + 1) * DAY_MS - now)}
+  end
+  if message_limit > 0 then
+    if sent >= message_limit then
+      local oldest = tonumber(redis.call('ZRANGE', window_key, 0, 0, 'WITHSCORES')[2])
+      return {'MESSAGES', int(oldest + MINUTE_MS - now)}
+    end
+    redis.call('ZADD', window_key, now, sid .. ':' .. turn_id)
+    redis.call('PEXPIRE', window_key, MINUTE_MS)
+    sent = sent + 1
+  end
+  taken_over = s.turn
+end
+redis.call('HSET', k.session, 'turn', turn_id, 'owner', owner, 'lease_ms', int(now + lease_ms))
+redis.call('HSET', k.turns, turn_id, 'begun')
+touch(k, sid, s, now, ttl_ms, grace_ms)
+return {'OK', s.last_seq, remaining_or_unlimited(message_limit, sent),
+        remaining_or_unlimited(token_limit, tokens_used), taken_over}
+"""
+
+# KEYS: session keys. ARGV: sid, turn, tokens, prefix, ttl_ms, grace_ms
+END_TURN = r"""
+local k = declared_keys()
+local sid, turn_id, tokens, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
+local ttl_ms, grace_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
+local now = now_ms()
+local s = live_session(k, now)
+if s == nil then return {'NOT_FOUND'} end
+if redis.call('HGET', k.turns, turn_id) == 'begun' then
+  redis.call('HSET', k.turns, turn_id, 'ended')
+  if tokens > 0 then
+    -- The owner is only known from the session, so this key cannot be declared up front.
+    local tokens_key = prefix .. 'quota:tokens:' .. s.user
+    local day = math.floor(now / DAY_MS)
+    redis.call('HSET', tokens_key, 'day', int(day), 'used', int(tokens_used_today(tokens_key, day) + tokens))
+    redis.call('PEXPIREAT', tokens_key, int((day + 1) * DAY_MS))
+  end
+end
+if s.turn ~= turn_id then return {'OK'} end
+redis.call('HSET', k.session, 'turn', '', 'owner', '', 'lease_ms', '0')
+wake_followers(k, s)
+touch(k, sid, s, now, ttl_ms, grace_ms)
+return {'OK'}
+"""
+
+# KEYS: session keys. ARGV: sid, ttl_ms, grace_ms, lease_ms, max_events, then seq, turn, payload, terminal
+# per event. Returns OK last_seq | EMPTY expected | GAP expected got | NOT_FOUND.
+APPEND = r"""
+local k = declared_keys()
+local sid, ttl_ms, grace_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local lease_ms, max_events = tonumber(ARGV[4]), ARGV[5]
+local FIRST, WIDTH = 6, 4
+local now = now_ms()
+local s = live_session(k, now)
+if s == nil then return {'NOT_FOUND'} end
+local last = tonumber(s.last_seq)
+local count = (#ARGV - FIRST + 1) / WIDTH
+if count == 0 then return {'EMPTY', int(last + 1)} end
+for i = 0, count - 1 do
+  local seq = ARGV[FIRST + i * WIDTH]
+  if tonumber(seq) ~= last + 1 + i then return {'GAP', int(last + 1 + i), seq} end
+end
+for i = 0, count - 1 do
+  local at = FIRST + i * WIDTH
+  redis.call('XADD', k.log, ARGV[at] .. '-0', 'turn', ARGV[at + 1], 'payload', ARGV[at + 2], 'terminal', ARGV[at + 3])
+end
+redis.call('XTRIM', k.log, 'MAXLEN', '~', max_events)
+s.last_seq = int(last + count)
+redis.call('HSET', k.session, 'last_seq', s.last_seq)
+-- Appending is the owner's heartbeat: it keeps both the running turn and the session alive.
+if turn_running(s, now) then redis.call('HSET', k.session, 'lease_ms', int(now + lease_ms)) end
+touch(k, sid, s, now, ttl_ms, grace_ms)
+return {'OK', s.last_seq}
+"""
+
+# KEYS: session keys. ARGV: sid, user, after_seq, count, touch ('1' on a reader's first pass), ttl_ms, grace_ms,
+# max_events. One consistent snapshot: the next events, whether a turn runs, and the stream's last id to
+# block from. Returns OK running lease_left_ms last_id n (seq turn payload terminal)*n | TRIMMED first
+# | NOT_FOUND.
+READ = r"""
+local k = declared_keys()
+local sid, user, after_seq, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local now = now_ms()
+local s = owned_session(k, user, now)
+if s == nil then return {'NOT_FOUND'} end
+if ARGV[5] == '1' then touch(k, sid, s, now, tonumber(ARGV[6]), tonumber(ARGV[7])) end
+local last_seq = tonumber(s.last_seq)
+-- XTRIM ~ keeps at least max_events (whole stream nodes); readers see exactly the newest max_events,
+-- like the memory store, whatever the physical trimming left.
+local first_kept = math.max(1, last_seq - tonumber(ARGV[8]) + 1)
+if after_seq + 1 < first_kept then return {'TRIMMED', int(first_kept)} end
+
+local events, first_seq = {}, nil
+local start = int(after_seq + 1) .. '-0'
+while true do
+  local raw = redis.call('XRANGE', k.log, start, '+', 'COUNT', count)
+  for _, entry in ipairs(raw) do
+    local seq, sub = string.match(entry[1], '^(%d+)%-(%d+)$')
+    if sub == '0' then
+      local f = {}
+      for i = 1, #entry[2], 2 do f[entry[2][i]] = entry[2][i + 1] end
+      first_seq = first_seq or tonumber(seq)
+      table.insert(events, seq)
+      table.insert(events, f.turn)
+      table.insert(events, f.payload)
+      table.insert(events, f.terminal)
+    end
+  end
+  -- Only control entries in a full page: look further (there is at most one per turn).
+  if #events > 0 or #raw < count then break end
+  start = '(' .. raw[#raw][1]
+end
+
+-- Physically gone although within max_events (it was lowered meanwhile): still never skip silently.
+if after_seq < last_seq and first_seq ~= after_seq + 1 then
+  return {'TRIMMED', int(first_seq or last_seq + 1)}
+end
+local tail = redis.call('XREVRANGE', k.log, '+', '-', 'COUNT', 1)
+local last_id = '0-0'
+if #tail > 0 then last_id = tail[1][1] end
+local running, lease_left = '0', '0'
+if turn_running(s, now) then
+  running, lease_left = '1', int(tonumber(s.lease_ms) - now)
+end
+local reply = {'OK', running, lease_left, last_id, int(#events / 4)}
+for _, value in ipairs(events) do table.insert(reply, value) end
+return reply
+"""
+
+# KEYS: expiries, ended. ARGV: prefix, limit, record. Returns how many sessions this call claimed.
+SWEEP_EXPIRED = r"""
+local prefix, limit, record = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+local claimed = 0
+for _, sid in ipairs(due) do
+  -- ZREM answers 1 to exactly one claimant, however many replicas sweep at once.
+  if redis.call('ZREM', KEYS[1], sid) == 1 then
+    local k = keys_of(prefix, sid)
+    local s = load_hash(k.session)
+    if s ~= nil then
+      end_session(k, sid, s, tonumber(s.expires_ms), now, record)
+      claimed = claimed + 1
+    end
+  end
+end
+return claimed
+"""
+
+# KEYS: ended. ARGV: prefix, limit, lease_ms. Claims due end records for lease_ms (another replica takes
+# over a record whose claimant died). Returns (sid user conv created_ms ended_ms attempts)*.
+CLAIM_ENDED = r"""
+local prefix, limit, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
+local claimed = {}
+for _, sid in ipairs(due) do
+  local key = prefix .. 'ended:' .. sid
+  local r = load_hash(key)
+  if r == nil then
+    redis.call('ZREM', KEYS[1], sid)
+  else
+    local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+    redis.call('ZADD', KEYS[1], now + lease_ms, sid)
+    for _, value in ipairs({sid, r.user, r.conv, r.created_ms, r.ended_ms, int(attempts)}) do
+      table.insert(claimed, value)
+    end
+  end
+end
+return claimed
+"""
+
+# KEYS: ended. ARGV: sid, delay_ms. XX: a record another replica delivered meanwhile stays delivered.
+RETRY_ENDED = r"""
+redis.call('ZADD', KEYS[1], 'XX', now_ms() + tonumber(ARGV[2]), ARGV[1])
+return 1
+"""
+
+# KEYS: ended. Returns ms until the next end record is due, or -1 when none waits.
+NEXT_ENDED_DUE = r"""
+local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #first == 0 then return -1 end
+return math.max(0, tonumber(first[2]) - now_ms())
+"""

@@ -1,0 +1,341 @@
+"""RedisSessionStore as several replicas see it: two store instances (two replicas) on one Redis."""
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import redis.asyncio as aioredis
+
+from duplex.common.errors import FailedPrecondition, NotFound, OutOfRange, ResourceExhausted, Unavailable
+from session_service.quota import QuotaLimits
+from session_service.redis_store import MAX_FOLLOW_BLOCK_MS, RedisKeys, RedisSessionStore, connect, redact_url
+from session_service.session_end import HistoryRecorder
+from session_service.store import LogEntry, TurnStart
+from tests.redis_fixtures import free_port
+
+TTL = 60.0
+# Well under MAX_FOLLOW_BLOCK_MS: a follower ending this fast was woken, not timed out.
+PROMPT_SECONDS = 0.5
+
+MakeReplica = Callable[..., Awaitable[RedisSessionStore]]
+
+
+@pytest.fixture
+async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def make_replica(redis_url: str, redis_key_prefix: str) -> AsyncIterator[MakeReplica]:
+    """Each call is one more replica: its own client and pool, the same Redis and key prefix."""
+    stores: list[RedisSessionStore] = []
+    recorders: list[HistoryRecorder] = []
+
+    async def make(history_target: str = "", **overrides) -> RedisSessionStore:
+        options = {"ttl_seconds": TTL, "log_max_events": 1000, "turn_lease_seconds": 30.0, **overrides}
+        if history_target:
+            recorders.append(HistoryRecorder(history_target))
+            options["recorder"] = recorders[-1]
+        store = RedisSessionStore(connect(redis_url), key_prefix=redis_key_prefix, **options)
+        await store.start()
+        stores.append(store)
+        return store
+
+    yield make
+    for store in stores:
+        await store.close()
+    for recorder in recorders:
+        await recorder.close()
+
+
+def entries(seqs, turn_id: str = "t1") -> list[LogEntry]:
+    # Non-UTF-8 payloads: they must travel as opaque bytes.
+    return [LogEntry(seq=seq, turn_id=turn_id, payload=b"\xff\x00" + bytes([seq % 256])) for seq in seqs]
+
+
+async def new_session(store: RedisSessionStore, user_id: str = "alice") -> str:
+    info, _ = await store.open_session(user_id, "", conversation_id="c", model="", system_prompt="")
+    return info.session_id
+
+
+class Follow:
+    """read_events(follow=True) consumed in a background task."""
+
+    def __init__(self, store: RedisSessionStore, session_id: str, after_seq: int = 0) -> None:
+        self.events: list[LogEntry] = []
+        self.finished = False
+        self._arrived = asyncio.Condition()
+        self.task = asyncio.create_task(self._run(store, session_id, after_seq))
+
+    async def _run(self, store: RedisSessionStore, session_id: str, after_seq: int) -> None:
+        try:
+            async for batch in store.read_events("alice", session_id, after_seq, follow=True):
+                async with self._arrived:
+                    self.events.extend(batch)
+                    self._arrived.notify_all()
+        finally:
+            async with self._arrived:
+                self.finished = True
+                self._arrived.notify_all()
+
+    def seqs(self) -> list[int]:
+        return [event.seq for event in self.events]
+
+    async def wait_for(self, count: int, timeout: float = 3.0) -> None:
+        async def enough() -> None:
+            async with self._arrived:
+                await self._arrived.wait_for(lambda: len(self.events) >= count or self.finished)
+
+        await asyncio.wait_for(enough(), timeout)
+        assert len(self.events) >= count, self.seqs()
+
+    async def ended_within(self, seconds: float) -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(asyncio.shield(self.task), seconds)
+        return loop.time() - started
+
+
+@pytest.fixture
+async def follow() -> AsyncIterator[Callable[..., Follow]]:
+    started: list[Follow] = []
+
+    def start(store: RedisSessionStore, session_id: str, after_seq: int = 0) -> Follow:
+        started.append(Follow(store, session_id, after_seq))
+        return started[-1]
+
+    yield start
+    for follower in started:
+        follower.task.cancel()
+    await asyncio.gather(*(follower.task for follower in started), return_exceptions=True)
+
+
+# -- following across replicas
+
+
+async def test_a_follower_on_one_replica_gets_what_another_appends_once_and_ends_after_end_turn(make_replica, follow):
+    a, b = await make_replica(), await make_replica()
+    session_id = await new_session(a)
+    await a.begin_turn("alice", session_id, "t1", owner="gw-a")
+    await a.append_events(session_id, entries([1, 2]))
+    follower = follow(b, session_id, after_seq=1)
+
+    async def write() -> None:
+        for start in range(3, 201, 7):
+            await a.append_events(session_id, entries(range(start, min(start + 7, 201))))
+            await asyncio.sleep(0)
+
+    await write()
+    await follower.wait_for(199)
+    assert not follower.task.done()
+
+    await a.end_turn(session_id, "t1")
+    assert await follower.ended_within(PROMPT_SECONDS) < PROMPT_SECONDS
+    assert follower.events == entries(range(2, 201))
+
+
+async def test_a_close_on_one_replica_ends_a_follower_on_another_promptly(make_replica, follow):
+    a, b = await make_replica(), await make_replica()
+    session_id = await new_session(a)
+    await a.begin_turn("alice", session_id, "t1")
+    await a.append_events(session_id, entries([1]))
+    follower = follow(b, session_id)
+    await follower.wait_for(1)
+
+    await a.close_session("alice", session_id)
+    await follower.ended_within(PROMPT_SECONDS)
+    assert follower.seqs() == [1]
+    with pytest.raises(NotFound):
+        await b.get_session("alice", session_id)
+
+
+class CountingRedis(aioredis.Redis):
+    """Counts the commands this one client sends, whatever else talks to the same Redis."""
+
+    commands = 0  # an instance attribute from the first increment on
+
+    async def execute_command(self, *args, **options):
+        self.commands += 1
+        return await super().execute_command(*args, **options)
+
+
+async def test_a_waiting_follower_does_not_poll(redis_url, redis_key_prefix, follow):
+    client = CountingRedis.from_pool(aioredis.ConnectionPool.from_url(redis_url))
+    store = RedisSessionStore(
+        client, key_prefix=redis_key_prefix, ttl_seconds=TTL, log_max_events=10, turn_lease_seconds=30
+    )
+    try:
+        session_id = await new_session(store)
+        await store.begin_turn("alice", session_id, "t1")
+        follower = follow(store, session_id)
+        await asyncio.sleep(0.1)
+
+        before = client.commands
+        await asyncio.sleep(1.0)
+        # A blocked XREAD and, each time its bound passes, one snapshot and the next XREAD.
+        assert client.commands - before <= 2 * (1000 // MAX_FOLLOW_BLOCK_MS + 1)
+        assert not follower.task.done()
+    finally:
+        await store.close()
+
+
+# -- turns and leases across replicas
+
+
+async def test_a_lease_that_ran_out_on_one_replica_is_taken_over_on_another(make_replica, follow):
+    a, b = await make_replica(turn_lease_seconds=0.6), await make_replica(turn_lease_seconds=0.6)
+    session_id = await new_session(a)
+    await a.begin_turn("alice", session_id, "t1", owner="gw-a")
+    with pytest.raises(FailedPrecondition):
+        await b.begin_turn("alice", session_id, "t2", owner="gw-b")
+    follower = follow(b, session_id)
+    # Nobody appends for t1: the follower stops waiting once its lease is over.
+    await follower.ended_within(0.6 + PROMPT_SECONDS)
+
+    await b.begin_turn("alice", session_id, "t2", owner="gw-b")
+    info = await a.get_session("alice", session_id)
+    assert (info.active_turn_id, info.active_turn_owner) == ("t2", "gw-b")
+    # The old owner's late EndTurn does not end the new turn.
+    await a.end_turn(session_id, "t1")
+    assert (await b.get_session("alice", session_id)).active_turn_id == "t2"
+
+
+async def test_the_message_quota_holds_under_concurrency_across_replicas(make_replica):
+    limits = QuotaLimits(messages_per_minute=5)
+    a, b = await make_replica(quota_limits=limits), await make_replica(quota_limits=limits)
+    sessions = [await new_session(a) for _ in range(20)]
+
+    results = await asyncio.gather(
+        *((a, b)[i % 2].begin_turn("alice", session_id, f"t{i}") for i, session_id in enumerate(sessions)),
+        return_exceptions=True,
+    )
+    started = [result for result in results if isinstance(result, TurnStart)]
+    refused = [result for result in results if isinstance(result, ResourceExhausted)]
+    assert (len(started), len(refused)) == (5, 15), results
+    assert sorted(result.quota.messages_remaining for result in started) == [0, 1, 2, 3, 4]
+    assert all(0 < error.retry_after <= 60 for error in refused)
+    active = [(await a.get_session("alice", session_id)).active_turn_id for session_id in sessions]
+    assert sum(1 for turn in active if turn) == 5
+
+
+async def test_the_token_quota_is_shared_and_counted_once_across_replicas(make_replica):
+    limits = QuotaLimits(tokens_per_day=100)
+    a, b = await make_replica(quota_limits=limits), await make_replica(quota_limits=limits)
+    session_id = await new_session(a)
+    await a.begin_turn("alice", session_id, "t1")
+    await a.end_turn(session_id, "t1", tokens=60)
+    await b.end_turn(session_id, "t1", tokens=60)  # a retry that landed on the other replica
+    started = await b.begin_turn("alice", session_id, "t2")
+    assert started.quota.tokens_remaining == 40
+
+    await b.end_turn(session_id, "t2", tokens=40)
+    with pytest.raises(ResourceExhausted) as refused:
+        await a.begin_turn("alice", session_id, "t3")
+    assert refused.value.retry_after > 0
+    assert (await a.get_session("alice", session_id)).active_turn_id == ""
+
+
+# -- expiry and end records
+
+
+async def test_expiry_is_recorded_exactly_once_with_two_replicas_sweeping(make_replica, start_history):
+    history = await start_history()
+    a = await make_replica(history.target, ttl_seconds=0.3)
+    b = await make_replica(history.target, ttl_seconds=0.3)
+    sessions = [await new_session((a, b)[i % 2]) for i in range(6)]
+
+    await history.wait_for_records(6)
+    await asyncio.sleep(0.5)  # room for a duplicate to show up
+    assert sorted(history.recorded_sessions()) == sorted(sessions)
+    assert len(history.attempts) == 6
+
+
+async def test_a_failed_recording_is_retried_by_some_replica_and_recorded_once(make_replica, start_history):
+    history = await start_history(failures=3)
+    options = {"ttl_seconds": 0.3, "end_retry_seconds": 0.05}
+    a, b = await make_replica(history.target, **options), await make_replica(history.target, **options)
+    sessions = [await new_session(a), await new_session(b)]
+
+    await history.wait_for_records(2, timeout=5.0)
+    await asyncio.sleep(0.5)
+    assert sorted(history.recorded_sessions()) == sorted(sessions)
+    assert len(history.attempts) == 2 + 3
+
+
+# -- keys
+
+
+async def test_session_keys_carry_the_session_ttl_and_go_with_it(make_replica, redis_client, redis_key_prefix):
+    store = await make_replica()
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "t1")
+    await store.append_events(session_id, entries([1]))
+    session_key, log_key, turns_key, expiries, _, _ = RedisKeys(redis_key_prefix).of_session(session_id)
+    for key in (session_key, log_key, turns_key):
+        # The session TTL plus the grace the sweeper needs; never without a TTL.
+        assert TTL * 1000 < await redis_client.pttl(key) <= TTL * 1000 + 3_600_000
+    info = await store.get_session("alice", session_id)
+    assert await redis_client.zscore(expiries, session_id) == pytest.approx(info.expires_at * 1000, abs=1)
+
+    await store.close_session("alice", session_id)
+    assert await redis_client.exists(session_key, turns_key) == 0
+    assert await redis_client.zscore(expiries, session_id) is None
+    # The log lingers a moment so blocked readers wake and see the session gone.
+    assert 0 < await redis_client.pttl(log_key) <= 5000
+
+
+async def test_trimming_is_approximate_but_readers_see_exactly_the_newest_events(make_replica, redis_client):
+    store = await make_replica(log_max_events=50)
+    session_id = await new_session(store)
+    for start in range(1, 301, 30):
+        await store.append_events(session_id, entries(range(start, start + 30)))
+    log_key = RedisKeys(store._keys.prefix).log(session_id)
+    assert 50 <= await redis_client.xlen(log_key) < 300  # trimmed, in whole stream nodes
+
+    kept = [event.seq async for batch in store.read_events("alice", session_id, 250, follow=False) for event in batch]
+    assert kept == list(range(251, 301))
+    with pytest.raises(OutOfRange, match="starts at seq 251"):
+        await anext(store.read_events("alice", session_id, 249, follow=False))
+
+
+async def test_ids_this_store_never_hands_out_are_not_found(make_replica):
+    store = await make_replica()
+    session_id = await new_session(store)
+    for bogus in (f"{session_id}:x", "log:" + session_id, session_id.upper(), ""):
+        with pytest.raises(NotFound):
+            await store.get_session("alice", bogus or "x")
+        with pytest.raises(NotFound):
+            await store.append_events(bogus or "x", entries([1]))
+        await store.end_turn(bogus, "t1")
+
+
+# -- Redis down
+
+
+async def test_an_unreachable_redis_is_unavailable_and_not_ready():
+    store = RedisSessionStore(
+        connect(f"redis://127.0.0.1:{free_port()}/0"),
+        key_prefix="duplex-test:",
+        ttl_seconds=TTL,
+        log_max_events=10,
+        turn_lease_seconds=1.0,
+    )
+    try:
+        assert await store.is_ready() is False
+        with pytest.raises(Unavailable):
+            await store.get_session("alice", "0" * 32)
+        with pytest.raises(Unavailable):
+            await anext(store.read_events("alice", "0" * 32, 0, follow=True))
+    finally:
+        await store.close()
+
+
+def test_redact_url_hides_passwords_only():
+    assert redact_url("redis://:s3cret@db:6379/0") == "redis://:***@db:6379/0"
+    assert redact_url("rediss://app:s3cret@db:6380/1?ssl_cert_reqs=none") == (
+        "rediss://app:***@db:6380/1?ssl_cert_reqs=none"
+    )
+    assert redact_url("redis://db:6379/0?password=s3cret") == "redis://db:6379/0?password=***"
+    assert redact_url("redis://db:6379/0") == "redis://db:6379/0"

@@ -1,0 +1,149 @@
+"""Quotas, personas and turn owners through the real server, on both backends."""
+
+import asyncio
+import time
+
+import grpc
+import pytest
+
+from duplex.common.errors import RETRY_AFTER_KEY
+from duplex.session.v1 import session_pb2
+from session_service.quota import DAY_SECONDS
+from session_service.servicer import UNLIMITED_MESSAGES, UNLIMITED_TOKENS
+from tests.session_service.rpc_helpers import (
+    CALL_TIMEOUT,
+    OWNER,
+    STRANGER,
+    end_turn,
+    expect_status,
+    get_session,
+    open_session,
+)
+
+
+async def begin(stub, session_id: str, turn_id: str, user_id: str = OWNER, owner: str = "gw-1"):
+    request = session_pb2.BeginTurnRequest(user_id=user_id, session_id=session_id, turn_id=turn_id, owner=owner)
+    return await stub.BeginTurn(request, timeout=CALL_TIMEOUT)
+
+
+def retry_after_seconds(error: grpc.aio.AioRpcError) -> float:
+    values = [value for key, value in error.trailing_metadata() or () if key == RETRY_AFTER_KEY]
+    assert values, f"no {RETRY_AFTER_KEY} on {error.code()}"
+    return int(values[0]) / 1000
+
+
+async def test_begin_turn_reports_what_is_left(start_service):
+    stub = (await start_service(quota_messages_per_minute=3, quota_tokens_per_day=1000)).stub
+    session_id = (await open_session(stub)).session_id
+
+    reply = await begin(stub, session_id, "t1")
+    assert (reply.quota.messages_remaining, reply.quota.tokens_remaining) == (2, 1000)
+    # A retry of the running turn is the same message: nothing more is counted.
+    reply = await begin(stub, session_id, "t1")
+    assert (reply.quota.messages_remaining, reply.quota.tokens_remaining) == (2, 1000)
+
+    await end_turn(stub, session_id, "t1", tokens=300)
+    reply = await begin(stub, session_id, "t2")
+    assert (reply.quota.messages_remaining, reply.quota.tokens_remaining) == (1, 700)
+
+
+async def test_unlimited_quotas_report_the_largest_values(start_service):
+    stub = (await start_service(quota_messages_per_minute=0, quota_tokens_per_day=0)).stub
+    session_id = (await open_session(stub)).session_id
+    for turn in range(40):  # more than the default 30 per minute
+        await end_turn(stub, session_id, f"t{turn - 1}", tokens=10**9)
+        reply = await begin(stub, session_id, f"t{turn}")
+    assert (reply.quota.messages_remaining, reply.quota.tokens_remaining) == (UNLIMITED_MESSAGES, UNLIMITED_TOKENS)
+
+
+async def test_message_quota_refuses_with_retry_after_and_changes_nothing(start_service):
+    stub = (await start_service(quota_messages_per_minute=2)).stub
+    first, second = (await open_session(stub)).session_id, (await open_session(stub)).session_id
+    await begin(stub, first, "t1")
+    await end_turn(stub, first, "t1")
+    await begin(stub, second, "t2")
+    await end_turn(stub, second, "t2")
+
+    # The quota is the user's, across sessions.
+    error = await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, begin(stub, first, "t3"))
+    assert "message quota" in error.details()
+    assert 55 < retry_after_seconds(error) <= 60
+    assert (await get_session(stub, first)).active_turn_id == ""
+    # A refusal consumed nothing: the next attempt is refused just the same.
+    await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, begin(stub, second, "t3"))
+
+    # Another user is not affected.
+    strangers = (await open_session(stub, user_id=STRANGER)).session_id
+    reply = await begin(stub, strangers, "s1", user_id=STRANGER)
+    assert reply.quota.messages_remaining == 1
+
+
+async def test_token_quota_refuses_until_utc_midnight(start_service):
+    stub = (await start_service(quota_tokens_per_day=100)).stub
+    session_id = (await open_session(stub)).session_id
+    await begin(stub, session_id, "t1")
+    await end_turn(stub, session_id, "t1", tokens=60)
+    reply = await begin(stub, session_id, "t2")
+    assert reply.quota.tokens_remaining == 40
+    # The turn in flight may overshoot: its size is only known when it ends.
+    await end_turn(stub, session_id, "t2", tokens=60)
+
+    error = await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, begin(stub, session_id, "t3"))
+    assert "token quota" in error.details()
+    until_midnight = DAY_SECONDS - time.time() % DAY_SECONDS
+    assert retry_after_seconds(error) == pytest.approx(until_midnight, abs=5)
+    assert (await get_session(stub, session_id)).active_turn_id == ""
+
+
+async def test_end_turn_counts_tokens_once_per_turn(start_service):
+    stub = (await start_service(quota_tokens_per_day=100)).stub
+    session_id = (await open_session(stub)).session_id
+    await begin(stub, session_id, "t1")
+    await end_turn(stub, session_id, "t1", tokens=30)
+    await end_turn(stub, session_id, "t1", tokens=30)  # a retried EndTurn
+    await end_turn(stub, session_id, "never-begun", tokens=30)
+    reply = await begin(stub, session_id, "t2")
+    assert reply.quota.tokens_remaining == 70
+
+
+async def test_tokens_of_a_turn_taken_over_still_count(start_service):
+    stub = (await start_service(quota_tokens_per_day=100, turn_lease_seconds=0.6)).stub
+    session_id = (await open_session(stub)).session_id
+    await begin(stub, session_id, "t1", owner="gw-dead")
+    await asyncio.sleep(0.7)
+    await begin(stub, session_id, "t2")
+
+    # The slow owner of t1 reports at last: its tokens count, and t2 keeps running.
+    await end_turn(stub, session_id, "t1", tokens=25)
+    session = await get_session(stub, session_id)
+    assert (session.active_turn_id, session.active_turn_owner) == ("t2", "gw-1")
+    await end_turn(stub, session_id, "t2", tokens=25)
+    reply = await begin(stub, session_id, "t3")
+    assert reply.quota.tokens_remaining == 50
+
+
+async def test_an_ended_turn_cannot_begin_again(stub):
+    session_id = (await open_session(stub)).session_id
+    await begin(stub, session_id, "t1")
+    await end_turn(stub, session_id, "t1")
+    error = await expect_status(grpc.StatusCode.FAILED_PRECONDITION, begin(stub, session_id, "t1"))
+    assert "already ended" in error.details()
+    assert (await get_session(stub, session_id)).active_turn_id == ""
+
+
+async def test_persona_and_turn_owner_are_reported(stub):
+    session = await open_session(stub, persona="pirate", conversation_id="c1")
+    assert session.persona == "pirate"
+    await begin(stub, session.session_id, "t1", owner="gateway-7")
+    session = await get_session(stub, session.session_id)
+    assert (session.active_turn_id, session.active_turn_owner) == ("t1", "gateway-7")
+
+    reply = await stub.OpenSession(
+        session_pb2.OpenSessionRequest(user_id=OWNER, session_id=session.session_id, persona="poet"),
+        timeout=CALL_TIMEOUT,
+    )
+    assert reply.session.persona == "poet" and reply.session.conversation_id == "c1"
+
+    await end_turn(stub, session.session_id, "t1")
+    session = await get_session(stub, session.session_id)
+    assert (session.active_turn_id, session.active_turn_owner) == ("", "")
