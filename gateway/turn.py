@@ -365,6 +365,15 @@ def _accepted(
     return chat_pb2.ChatEvent(session_id=session.session_id, message_accepted=accepted)
 
 
+# The session service reports an unlimited quota as the field's largest value.
+_UNLIMITED_MESSAGES = 2**32 - 1
+_UNLIMITED_TOKENS = 2**64 - 1
+
+
+def _is_limited(quota) -> bool:
+    return quota.messages_remaining < _UNLIMITED_MESSAGES or quota.tokens_remaining < _UNLIMITED_TOKENS
+
+
 def _duration(seconds: float) -> Duration:
     duration = Duration()
     duration.FromNanoseconds(int(seconds * 1e9))
@@ -425,7 +434,7 @@ class TurnManager:
         accepted = _accepted(session, message, turn.user_message_id, duplicate=False)
         accepted.turn_id = turn.id
         event = hub.publish(accepted)
-        if begun.HasField("quota"):
+        if _is_limited(begun.quota):
             quota = chat_pb2.QuotaUpdate(
                 messages_remaining=begun.quota.messages_remaining, tokens_remaining=begun.quota.tokens_remaining
             )

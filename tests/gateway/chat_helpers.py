@@ -12,9 +12,9 @@ TERMINAL = ("turn_completed", "turn_cancelled", "error")
 
 
 class ChatStream:
-    def __init__(self, stub: chat_pb2_grpc.ChatServiceStub):
+    def __init__(self, stub: chat_pb2_grpc.ChatServiceStub, metadata=None):
         self._requests: asyncio.Queue[chat_pb2.ChatRequest | None] = asyncio.Queue()
-        self.call = stub.Chat(self._request_iterator())
+        self.call = stub.Chat(self._request_iterator(), metadata=metadata)
         self.received_at: list[float] = []
 
     async def _request_iterator(self):

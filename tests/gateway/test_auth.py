@@ -148,8 +148,7 @@ async def test_another_users_session_and_conversation_are_not_found(make_system)
             await call
         assert raised.value.code() == grpc.StatusCode.NOT_FOUND
 
-    bob_stream = ChatStream(bob_chat)
-    bob_stream.call = bob_chat.Chat(bob_stream._request_iterator(), metadata=bob)
+    bob_stream = ChatStream(bob_chat, metadata=bob)
     await bob_stream.send(open=chat_pb2.OpenSession(session_id=session_id))
     assert (await bob_stream.next_event()).error.code == grpc.StatusCode.NOT_FOUND.value[0]
     bob_stream.cancel()

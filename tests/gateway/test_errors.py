@@ -124,3 +124,23 @@ async def test_gateway_stopping_mid_turn_ends_it_with_a_retryable_error_in_the_l
     assert logged[-1].WhichOneof("kind") == "error"
     assert logged[-1].error.retryable is True
     assert logged[-1].turn_id == seen[0].turn_id
+
+
+async def test_quota_is_reported_and_enforced_with_a_retry_after(make_system):
+    system = await make_system(session_overrides={"quota_messages_per_minute": 2})
+    chat = ChatStream(system.chat)
+    await chat.open()
+    remaining = []
+    for text in ("one", "two"):
+        await chat.say(text)
+        events = await chat.until_turn_ends()
+        remaining += [e.quota.messages_remaining for e in events if e.WhichOneof("kind") == "quota"]
+        assert kinds(events)[-1] == "turn_completed"
+    assert remaining == [1, 0]
+
+    await chat.say("three")
+    refused = await chat.next_event()
+    assert code_of(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.error.retryable is True
+    assert 0 < refused.error.retry_after.ToMilliseconds() <= 60_000
+    chat.cancel()
