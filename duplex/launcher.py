@@ -147,4 +147,7 @@ def print_addresses(env: dict[str, str]) -> None:
     for spec in SERVICES:
         print(f"  {spec.module:<16} {listen_address(spec, env):<22} {spec.health_name}", flush=True)
     gateway = dial_address(listen_address(SERVICES[-1], env))
+    web = env.get("DUPLEX_HTTP_LISTEN", "127.0.0.1:8080")
+    if web:
+        print(f"Web chat:      http://{dial_address(web)}/", flush=True)
     print(f"Chat with it:  duplex chat --target {gateway}", flush=True)

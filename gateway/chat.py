@@ -236,6 +236,11 @@ class ChatConnection:
                 await self._emit(error_event(error))
                 after_seq = self._hub.last_seq
 
+    async def reject(self, error: DuplexError) -> None:
+        """Tell this client that one of its requests was refused before it could be read (e.g. a WebSocket
+        frame that does not parse); the stream goes on."""
+        await self._emit(error_event(error))
+
     def _require_hub(self) -> SessionHub:
         if self._hub is None:
             raise FailedPrecondition("open a session first")

@@ -18,6 +18,7 @@ from gateway.hub import HubRegistry
 from gateway.settings import GatewaySettings
 from gateway.tools import ToolRegistry, builtin_tools
 from gateway.turn import Services, TurnManager
+from gateway.web import start_web_edge
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,14 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     server.on_stop(turns.close)
     await server.start(settings.gateway_listen)
     hubs.start()
+    try:
+        # The browser edge (None when DUPLEX_HTTP_LISTEN is empty); `server.web.port` is its HTTP port.
+        server.web = await start_web_edge(settings, chat, identity, server.port)
+    except BaseException:
+        await server.stop(0)
+        raise
+    if server.web is not None:
+        server.on_stop(server.web.close)
     watcher = asyncio.create_task(_watch_dependencies(server, channels, settings), name="dependency-watch")
     server.on_stop(lambda: _cancel(watcher))
     return server

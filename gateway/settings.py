@@ -1,6 +1,9 @@
+import json
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import SecretStr, model_validator
+from pydantic import SecretStr, field_validator, model_validator
+from pydantic_settings import NoDecode
 
 from duplex.common.settings import ServiceSettings
 
@@ -37,6 +40,29 @@ class GatewaySettings(ServiceSettings):
     # Events queued for one slow client before its follower waits.
     connection_outbox_events: int = 256
     dependency_check_interval_seconds: float = 5.0
+
+    # The browser edge (gateway/web): WebSocket chat, grpc-web, the web page and /healthz on one HTTP port
+    # of the gateway process. Empty turns it off.
+    http_listen: str = "127.0.0.1:8080"
+    # Origins whose pages may use the edge (checked on the WebSocket upgrade and for grpc-web CORS), comma
+    # separated or a JSON list. Unset: the page's own origins, http://127.0.0.1:<port> and
+    # http://localhost:<port>. Requests without an Origin header (non-browser clients) are always allowed.
+    allowed_origins: Annotated[list[str] | None, NoDecode] = None
+    # Largest WebSocket frame and grpc-web request message: room for max_message_chars of UTF-8 text.
+    http_max_message_bytes: int = 131_072
+    # WebSocket ping interval (a peer that misses the pong is dropped), the idle timeout (no frame either
+    # way) and how long a client has to send its token frame when auth is on.
+    ws_heartbeat_seconds: float = 20.0
+    ws_idle_timeout_seconds: float = 300.0
+    ws_auth_timeout_seconds: float = 10.0
+
+    @field_validator("allowed_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value):
+        if isinstance(value, str):
+            text = value.strip()
+            return json.loads(text) if text.startswith("[") else [o.strip() for o in text.split(",") if o.strip()]
+        return value
 
     @model_validator(mode="after")
     def _default_algorithms(self) -> "GatewaySettings":

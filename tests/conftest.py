@@ -57,12 +57,26 @@ class System:
             await server.stop(0)
 
 
-async def start_system(data_dir: Path, tokens_per_second: float = 100.0, **gateway_overrides) -> System:
-    llm = await create_llm(LlmSettings(llm_listen=LOOPBACK_ANY_PORT, local_tokens_per_second=tokens_per_second))
-    session = await create_session(SessionSettings(session_listen=LOOPBACK_ANY_PORT))
-    history = await create_history(HistorySettings(history_listen=LOOPBACK_ANY_PORT, data_dir=data_dir))
+async def start_system(
+    data_dir: Path, tokens_per_second: float = 100.0, session_overrides: dict | None = None, **gateway_overrides
+) -> System:
+    # One message per token (no coalescing) so tests can count deltas; no real provider even if a developer
+    # has OPENAI_API_KEY set.
+    llm = await create_llm(LlmSettings(
+        llm_listen=LOOPBACK_ANY_PORT, local_tokens_per_second=tokens_per_second, llm_coalesce_window_ms=0,
+        openai_api_key=None,
+    ))
+    history = await create_history(HistorySettings(
+        history_listen=LOOPBACK_ANY_PORT, data_dir=data_dir, llm_target=f"127.0.0.1:{llm.port}"
+    ))
+    # Memory store (never a developer's Redis), unlimited quotas unless a test sets them.
+    session = await create_session(SessionSettings(**{
+        "session_listen": LOOPBACK_ANY_PORT, "history_target": f"127.0.0.1:{history.port}", "redis_url": None,
+        "quota_messages_per_minute": 0, "quota_tokens_per_day": 0, **(session_overrides or {}),
+    }))
     gateway_settings = GatewaySettings(
         gateway_listen=LOOPBACK_ANY_PORT,
+        http_listen=LOOPBACK_ANY_PORT,
         llm_target=f"127.0.0.1:{llm.port}",
         session_target=f"127.0.0.1:{session.port}",
         history_target=f"127.0.0.1:{history.port}",

@@ -38,6 +38,7 @@ def running_system(tmp_path):
     ports = {name: free_port() for name in SERVICES}
     env = dict(os.environ)
     env.update({f"DUPLEX_{name}_LISTEN": f"127.0.0.1:{port}" for name, port in ports.items()})
+    env["DUPLEX_HTTP_LISTEN"] = f"127.0.0.1:{free_port()}"
     env.update(DUPLEX_DATA_DIR=str(tmp_path / "data"), DUPLEX_LOCAL_TOKENS_PER_SECOND="60",
                DUPLEX_LLM_COALESCE_WINDOW_MS="0")
     env.pop("OPENAI_API_KEY", None)
