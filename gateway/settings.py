@@ -66,6 +66,8 @@ class GatewaySettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _default_algorithms(self) -> "GatewaySettings":
+        if self.jwt_secret is not None and not self.jwt_secret.get_secret_value():
+            self.jwt_secret = None  # an empty variable means "not set", not "sign with an empty key"
         if not self.jwt_algorithms:
             self.jwt_algorithms = ["HS256"] if self.jwt_secret is not None else ["RS256", "ES256", "EdDSA"]
         return self

@@ -53,8 +53,9 @@ async def create_server(settings: HistorySettings) -> GrpcServer:
         )
         server = GrpcServer([SERVICE_NAME], lambda grpc_server: _register(servicer, grpc_server))
         await server.start(settings.history_listen)
-        # From here the server owns them; stop() closes them in reverse: worker, llm channel, engine.
-        for closer in (engine.dispose, llm_channel.close, worker.stop):
+        # From here the server owns them; stop() closes them in reverse: writes in flight, worker, llm channel,
+        # engine.
+        for closer in (engine.dispose, llm_channel.close, worker.stop, servicer.writes.wait):
             server.on_stop(closer)
         cleanup.pop_all()
     try:

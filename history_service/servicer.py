@@ -1,9 +1,11 @@
 """duplex.history.v1.HistoryService over gRPC: request validation and proto conversion, nothing else."""
 
+import asyncio
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
+from typing import TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -79,6 +81,27 @@ EXPORTERS = {
 }
 
 
+T = TypeVar("T")
+
+
+class ShieldedWrites:
+    """Database writes run to completion even when their caller goes away: cancelling a driver in the
+    middle of a commit can leave its connection half-closed (aiosqlite then never finishes closing)."""
+
+    def __init__(self) -> None:
+        self._running: set[asyncio.Task] = set()
+
+    async def run(self, write: Awaitable[T]) -> T:
+        task = asyncio.ensure_future(write)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        return await asyncio.shield(task)
+
+    async def wait(self) -> None:
+        """Let the writes in flight finish (before the engine is disposed)."""
+        await asyncio.gather(*self._running, return_exceptions=True)
+
+
 class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
     def __init__(
         self,
@@ -95,12 +118,13 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
         # Called after a job was queued, so this process's worker picks it up without waiting for its poll.
         self._wake_job_worker = wake_job_worker
         self._clock = clock
+        self.writes = ShieldedWrites()
 
     async def CreateConversation(
         self, request: history_pb2.CreateConversationRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.CreateConversationResponse:
         user_id = require_user_id(request.user_id)
-        conversation = await self._repository.create_conversation(user_id, clean_title(request.title))
+        conversation = await self.writes.run(self._repository.create_conversation(user_id, clean_title(request.title)))
         return history_pb2.CreateConversationResponse(conversation=conversation_to_proto(conversation))
 
     async def GetConversation(
@@ -126,14 +150,14 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
         self, request: history_pb2.DeleteConversationRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.DeleteConversationResponse:
         user_id = require_user_id(request.user_id)
-        await self._repository.delete_conversation(user_id, request.conversation_id)
+        await self.writes.run(self._repository.delete_conversation(user_id, request.conversation_id))
         return history_pb2.DeleteConversationResponse()
 
     async def AppendMessage(
         self, request: history_pb2.AppendMessageRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.AppendMessageResponse:
         user_id = require_user_id(request.user_id)
-        result = await self._repository.append_message(user_id, new_message_from_request(request))
+        result = await self.writes.run(self._repository.append_message(user_id, new_message_from_request(request)))
         return history_pb2.AppendMessageResponse(message=message_to_proto(result.message), duplicate=result.duplicate)
 
     async def ListMessages(
@@ -155,7 +179,9 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
         title = limit_chars(request.title.strip(), MAX_TITLE_CHARS, "title")
         if not title:
             raise InvalidArgument(f"title must be 1 to {MAX_TITLE_CHARS} characters")
-        conversation = await self._repository.rename_conversation(user_id, request.conversation_id, title)
+        conversation = await self.writes.run(
+            self._repository.rename_conversation(user_id, request.conversation_id, title)
+        )
         return history_pb2.RenameConversationResponse(conversation=conversation_to_proto(conversation))
 
     async def SearchMessages(
@@ -196,7 +222,7 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
     async def RecordSessionEnd(
         self, request: history_pb2.RecordSessionEndRequest, context: grpc.aio.ServicerContext
     ) -> history_pb2.RecordSessionEndResponse:
-        if await self._session_records.record_end(session_end_from_request(request)):
+        if await self.writes.run(self._session_records.record_end(session_end_from_request(request))):
             self._wake_job_worker()
         return history_pb2.RecordSessionEndResponse()
 

@@ -162,3 +162,8 @@ async def test_another_users_session_and_conversation_are_not_found(make_system)
     mine = await alice_conversations.GetConversation(
         conversation_pb2.GetConversationRequest(conversation_id=conversation_id), metadata=alice)
     assert mine.messages[0].content == "alice's secret plan"
+
+
+def test_an_empty_secret_means_authentication_is_off():
+    assert GatewaySettings(jwt_secret=SecretStr("")).jwt_secret is None
+    assert Authenticator(GatewaySettings(jwt_secret=SecretStr(""))).enabled is False
