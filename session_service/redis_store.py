@@ -356,7 +356,9 @@ class RedisSessionStore:
             log.warning(
                 "session %s: turn %s takes over turn %s whose lease expired", session_id, turn_id, _text(taken_over)
             )
-        return TurnStart(int(last_seq), QuotaStatus(_remaining(messages_left), _remaining(tokens_left)))
+        return TurnStart(
+            int(last_seq), QuotaStatus(_remaining(messages_left), _remaining(tokens_left)), _text(taken_over)
+        )
 
     def _raise_if_refused(self, reply: list[bytes], session_id: str, turn_id: str) -> None:
         status = reply[0]

@@ -101,7 +101,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         started = await self._store.begin_turn(
             request.user_id, request.session_id, request.turn_id, owner=request.owner
         )
-        return session_pb2.BeginTurnResponse(last_seq=started.last_seq, quota=_quota_to_proto(started.quota))
+        return session_pb2.BeginTurnResponse(
+            last_seq=started.last_seq, quota=_quota_to_proto(started.quota),
+            taken_over_turn_id=started.taken_over_turn_id,
+        )
 
     async def EndTurn(
         self, request: session_pb2.EndTurnRequest, context: grpc.aio.ServicerContext

@@ -63,6 +63,8 @@ class TurnStart:
 
     last_seq: int
     quota: QuotaStatus
+    # The turn replaced because its owner's lease ran out; "" when none.
+    taken_over_turn_id: str = ""
 
 
 class SessionStore(Protocol):
@@ -328,15 +330,17 @@ class MemorySessionStore:
     async def begin_turn(self, user_id: str, session_id: str, turn_id: str, *, owner: str = "") -> TurnStart:
         session = self._owned(user_id, session_id)
         now = self._clock()
+        taken_over = ""
         if session.turn is not None and session.turn.turn_id == turn_id:
             quota = self._quotas.status(user_id, now)  # a retry: the message was counted the first time
         else:
             quota = self._start_new_turn(session, turn_id, now)
+            taken_over = session.turn.turn_id if session.turn is not None else ""
         session.turn = _Turn(turn_id, owner, lease_expires_at=now + self._turn_lease)
         session.turn_states[turn_id] = _BEGUN
         self._touch(session)
         session.changes.notify()
-        return TurnStart(session.last_seq, quota)
+        return TurnStart(session.last_seq, quota, taken_over)
 
     def _start_new_turn(self, session: _Session, turn_id: str, now: float) -> QuotaStatus:
         """Every check that can refuse comes before the one change (counting the message)."""

@@ -161,8 +161,12 @@ async def test_a_turn_whose_lease_expired_is_taken_over(start_service):
 
     await asyncio.sleep(0.7)
     assert (await get_session(stub, session_id)).active_turn_id == ""
-    await begin_turn(stub, session_id, "t2")
+    taken = await stub.BeginTurn(session_pb2.BeginTurnRequest(user_id=OWNER, session_id=session_id, turn_id="t2"))
+    assert taken.taken_over_turn_id == "t1"  # so the caller can end t1 in the log
     assert (await get_session(stub, session_id)).active_turn_id == "t2"
+    await end_turn(stub, session_id, "t2")
+    again = await stub.BeginTurn(session_pb2.BeginTurnRequest(user_id=OWNER, session_id=session_id, turn_id="t3"))
+    assert again.taken_over_turn_id == ""  # t2 ended properly
 
 
 async def test_appending_renews_the_turn_lease(start_service):

@@ -118,12 +118,14 @@ class BeginTurnRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class BeginTurnResponse(_message.Message):
-    __slots__ = ("last_seq", "quota")
+    __slots__ = ("last_seq", "quota", "taken_over_turn_id")
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     QUOTA_FIELD_NUMBER: _ClassVar[int]
+    TAKEN_OVER_TURN_ID_FIELD_NUMBER: _ClassVar[int]
     last_seq: int
     quota: QuotaStatus
-    def __init__(self, last_seq: _Optional[int] = ..., quota: _Optional[_Union[QuotaStatus, _Mapping]] = ...) -> None: ...
+    taken_over_turn_id: str
+    def __init__(self, last_seq: _Optional[int] = ..., quota: _Optional[_Union[QuotaStatus, _Mapping]] = ..., taken_over_turn_id: _Optional[str] = ...) -> None: ...
 
 class EndTurnRequest(_message.Message):
     __slots__ = ("session_id", "turn_id", "tokens")
