@@ -6,12 +6,14 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
-from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgument, OutOfRange
+from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgument, OutOfRange, Unavailable
+from duplex.session.v1 import session_pb2
 from gateway import personas
 from gateway.auth import Authenticator
-from gateway.hub import HubRegistry, SessionHub, is_terminal
+from gateway.hub import HubRegistry, SessionHub, error_event, is_terminal
+from gateway.recovery import end_abandoned_turn
 from gateway.settings import GatewaySettings
-from gateway.turn import Services, SessionContext, TurnManager, error_event
+from gateway.turn import Services, SessionContext, TurnManager
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self.turns = turns
         self._identity = identity
         self._settings = settings
+        self.connections: set[ChatConnection] = set()
 
     async def Chat(self, request_iterator, context):
         connection = ChatConnection(self, self._identity.user_id(context))
@@ -51,6 +54,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                     yield chat_pb2.SendMessageResponse(event=event)
                     if event.turn_id == turn.id and is_terminal(event):
                         return
+
+    async def drain(self) -> None:
+        """For a rolling update: let running turns finish, then end every Chat stream with UNAVAILABLE
+        after an event that tells its client where to resume (on another replica)."""
+        await self.turns.drain()
+        await asyncio.gather(*(connection.say_goodbye() for connection in list(self.connections)))
 
     async def CancelTurn(self, request: chat_pb2.CancelTurnRequest, context) -> chat_pb2.CancelTurnResponse:
         user_id = self._identity.user_id(context)
@@ -76,20 +85,52 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         session = await self.services.sessions.get(user_id, request.session_id)
         if request.after_seq > session.last_seq and self.hubs.get(session.session_id) is None:
             raise OutOfRange(f"after_seq {request.after_seq} is ahead of the session's last seq {session.last_seq}")
-        async for event in self._events_after(user_id, session.session_id, session.last_seq, request.after_seq):
+        async for event in self._events_after(user_id, session, request.after_seq):
             yield chat_pb2.ResumeStreamResponse(event=event)
 
     async def _events_after(
-        self, user_id: str, session_id: str, last_seq: int, after_seq: int
+        self, user_id: str, session: session_pb2.Session, after_seq: int
     ) -> AsyncIterator[chat_pb2.ChatEvent]:
         """Missed events, then the running turn's, from memory when the session is active here."""
-        if self.hubs.get(session_id) is not None:
-            async with self.hubs.attached(session_id, user_id, last_seq) as hub:
+        if self.hubs.get(session.session_id) is not None:
+            async with self.hubs.attached(session.session_id, user_id, session.last_seq) as hub:
                 async for event in hub.follow(after_seq):
                     yield event
             return
+        async for event in self.follow_remote(user_id, session.session_id, after_seq, session.active_turn_id):
+            yield event
+
+    async def follow_remote(
+        self, user_id: str, session_id: str, after_seq: int, running_turn_id: str
+    ) -> AsyncIterator[chat_pb2.ChatEvent]:
+        """The session's log from the session service, following a turn that runs on another replica
+        until it ends. A turn that stopped without an end (its replica died) is ended here."""
+        turn_id, ended = running_turn_id, False
         async for logged in self.services.sessions.read_events(user_id, session_id, after_seq, follow=True):
-            yield chat_pb2.ChatEvent.FromString(logged.payload)
+            event = chat_pb2.ChatEvent.FromString(logged.payload)
+            if event.turn_id:
+                turn_id, ended = event.turn_id, is_terminal(event)
+            yield event
+        if turn_id and not ended:
+            recovered = await self._end_if_abandoned(user_id, session_id, turn_id)
+            if recovered is not None:
+                yield recovered
+
+    async def _end_if_abandoned(self, user_id: str, session_id: str, turn_id: str) -> chat_pb2.ChatEvent | None:
+        sessions = self.services.sessions
+        session = await sessions.get(user_id, session_id)
+        if session.active_turn_id:
+            return None  # a live turn: this one still running after all, or a newer one (which ends it)
+        try:
+            begun = await sessions.begin_turn(user_id, session_id, turn_id, self.turns.owner)  # its lease ran out
+        except DuplexError:
+            return None  # ended meanwhile, or another turn started
+        try:
+            async with self.hubs.attached(session_id, user_id, begun.last_seq) as hub:
+                hub.restart_at(begun.last_seq)
+                return await end_abandoned_turn(sessions, self.services.history, hub, session.conversation_id, turn_id)
+        finally:
+            await _quietly(sessions.end_turn(session_id, turn_id))
 
     async def open_session(
         self, user_id: str, session_id: str, conversation_id: str, model: str, system_prompt: str, persona: str
@@ -109,7 +150,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 conversation_id = (await history.create_conversation(user_id)).conversation_id
         opened = await sessions.open(user_id, session_id, conversation_id, model, system_prompt, persona)
         s = opened.session
-        context = SessionContext(s.session_id, user_id, s.conversation_id, s.model, s.system_prompt, s.persona)
+        context = SessionContext(
+            s.session_id, user_id, s.conversation_id, s.model, s.system_prompt, s.persona, s.active_turn_id
+        )
         event = chat_pb2.ChatEvent(
             session_id=s.session_id,
             session_opened=chat_pb2.SessionOpened(
@@ -119,6 +162,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         )
         event.time.GetCurrentTime()
         return context, s.last_seq, event
+
+
+async def _quietly(call) -> None:
+    try:
+        await call
+    except DuplexError as error:
+        log.warning("%s", error.message)
 
 
 def _validate_id(name: str, value: str, required: bool = False) -> None:
@@ -155,6 +205,7 @@ class ChatConnection:
         """Serve one connection: `requests` are what the client sends (native gRPC or WebSocket frames),
         `write` sends one response to it."""
         reader = asyncio.create_task(self._read(requests), name="chat-reader")
+        self._servicer.connections.add(self)
         try:
             while (item := await self._outbox.get()) is not _END:
                 if isinstance(item, BaseException):
@@ -166,6 +217,7 @@ class ChatConnection:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._servicer.connections.discard(self)
             if self._hub is not None:
                 await self._servicer.hubs.release(self._hub)
 
@@ -216,7 +268,9 @@ class ChatConnection:
                 )))
             else:
                 after_seq = open_request.resume_after_seq
-        self._follower = asyncio.create_task(self._follow(after_seq), name="chat-follower")
+        # A turn running on another replica is followed through the session service until it ends.
+        remote_turn = session.running_turn_id if self._hub.turn is None else ""
+        self._follower = asyncio.create_task(self._follow(after_seq, remote_turn), name="chat-follower")
 
     async def _send(self, message: chat_pb2.UserMessage) -> None:
         turn, accepted = await self._servicer.turns.start(self._require_hub(), self._session, message)
@@ -224,7 +278,9 @@ class ChatConnection:
             await self._emit(accepted)  # a duplicate: acknowledged, not answered again
         # A new turn's events reach this client through the follower, like every other logged event.
 
-    async def _follow(self, after_seq: int) -> None:
+    async def _follow(self, after_seq: int, remote_turn_id: str = "") -> None:
+        if remote_turn_id:
+            after_seq = await self._follow_remote(after_seq, remote_turn_id)
         while True:
             try:
                 async for event in self._hub.follow(after_seq, stop_when_idle=lambda: self._half_closed):
@@ -235,6 +291,23 @@ class ChatConnection:
                 # Older events are gone or unreachable: say so, and go on with the live ones.
                 await self._emit(error_event(error))
                 after_seq = self._hub.last_seq
+
+    async def _follow_remote(self, after_seq: int, turn_id: str) -> int:
+        try:
+            async for event in self._servicer.follow_remote(self._user_id, self._hub.session_id, after_seq, turn_id):
+                after_seq = max(after_seq, event.seq)
+                await self._outbox.put(event)
+        except DuplexError as error:
+            await self._emit(error_event(error))
+        if after_seq > self._hub.last_seq:
+            self._hub.restart_at(after_seq)  # those events were logged elsewhere; number new ones after them
+        return after_seq
+
+    async def say_goodbye(self) -> None:
+        last_seq = self._hub.last_seq if self._hub is not None else 0
+        leaving = Unavailable(f"this server is shutting down; reconnect and resume after seq {last_seq}")
+        await self._emit(error_event(leaving))
+        await self._outbox.put(leaving)  # ends the stream with UNAVAILABLE, so clients retry elsewhere
 
     async def reject(self, error: DuplexError) -> None:
         """Tell this client that one of its requests was refused before it could be read (e.g. a WebSocket

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 
@@ -20,6 +21,13 @@ from gateway.clients import SessionClient
 log = logging.getLogger(__name__)
 
 TERMINAL_KINDS = frozenset({"turn_completed", "turn_cancelled", "error"})
+
+
+def error_event(error: DuplexError, turn_id: str = "") -> chat_pb2.ChatEvent:
+    chat_error = chat_pb2.ChatError(code=error.code.value[0], message=error.message, retryable=error.retryable)
+    if error.retry_after:
+        chat_error.retry_after.FromNanoseconds(int(error.retry_after * 1e9))
+    return chat_pb2.ChatEvent(turn_id=turn_id, error=chat_error)
 
 
 def is_terminal(event: chat_pb2.ChatEvent) -> bool:
@@ -37,6 +45,7 @@ class SessionHub:
         self._recent: deque[chat_pb2.ChatEvent] = deque(maxlen=capacity)
         self._unflushed: list[session_pb2.LogEvent] = []
         self._flush_lock = asyncio.Lock()
+        self.logged_at = time.monotonic()  # when the log last heard from this hub (appends renew the lease)
         self._changed = asyncio.Event()
         self.on_dirty: Callable[[SessionHub], None] = lambda hub: None
 
@@ -82,6 +91,7 @@ class SessionHub:
             except DuplexError:
                 self._unflushed[:0] = batch
                 raise
+            self.logged_at = time.monotonic()
 
     def _buffered_after(self, cursor: int) -> list[chat_pb2.ChatEvent] | None:
         """Events after `cursor` from memory; None when some of them are no longer in memory."""
@@ -128,10 +138,14 @@ class SessionHub:
 class HubRegistry:
     """The hubs of the sessions in use on this replica, and the task that flushes them to the log."""
 
-    def __init__(self, sessions: SessionClient, capacity: int, flush_interval: float):
+    def __init__(
+        self, sessions: SessionClient, capacity: int, flush_interval: float, owner: str, lease_renew_interval: float
+    ):
         self._sessions = sessions
         self._capacity = capacity
         self._flush_interval = flush_interval
+        self._owner = owner
+        self._lease_renew_interval = lease_renew_interval
         self._hubs: dict[str, SessionHub] = {}
         self._dirty: set[SessionHub] = set()
         self._flusher: asyncio.Task | None = None
@@ -186,6 +200,21 @@ class HubRegistry:
         while True:
             await asyncio.sleep(self._flush_interval)
             await self._flush_dirty()
+            await self._renew_quiet_leases()
+
+    async def _renew_quiet_leases(self) -> None:
+        """A turn that logs nothing for a while (waiting for a slow first token, running a tool) renews
+        its lease, so other replicas never mistake it for one whose gateway died."""
+        due = time.monotonic() - self._lease_renew_interval
+        quiet = [hub for hub in self._hubs.values() if hub.turn is not None and hub.logged_at < due]
+        for hub, result in zip(quiet, await asyncio.gather(*(self._renew(hub) for hub in quiet),
+                                                          return_exceptions=True), strict=True):
+            if isinstance(result, Exception):
+                log.warning("session %s: turn lease not renewed: %s", hub.session_id, result)
+
+    async def _renew(self, hub: SessionHub) -> None:
+        await self._sessions.begin_turn(hub.user_id, hub.session_id, hub.turn.id, self._owner)  # same id renews
+        hub.logged_at = time.monotonic()
 
     async def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()

@@ -42,8 +42,12 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
         llm=LlmClient(channels["llm service"]),
         tools=ToolRegistry(builtin_tools(), settings.tool_timeout_seconds),
     )
-    hubs = HubRegistry(services.sessions, settings.hub_buffer_events, settings.event_flush_interval_seconds)
-    turns = TurnManager(services, hubs, settings, owner=replica_id())
+    owner = replica_id()
+    hubs = HubRegistry(
+        services.sessions, settings.hub_buffer_events, settings.event_flush_interval_seconds, owner,
+        settings.turn_lease_renew_seconds,
+    )
+    turns = TurnManager(services, hubs, settings, owner)
     identity = Authenticator(settings)
     identity.warn_if_disabled()
     chat = ChatServicer(services, hubs, turns, identity, settings)
@@ -64,6 +68,7 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     server.on_stop(close_channels)
     server.on_stop(hubs.close)
     server.on_stop(turns.close)
+    server.on_drain(chat.drain)
     await server.start(settings.gateway_listen)
     hubs.start()
     try:

@@ -40,6 +40,9 @@ class GatewaySettings(ServiceSettings):
     # Events queued for one slow client before its follower waits.
     connection_outbox_events: int = 256
     dependency_check_interval_seconds: float = 5.0
+    # A running turn that logged nothing for this long renews its lease (keep well under the session
+    # service's DUPLEX_TURN_LEASE_SECONDS).
+    turn_lease_renew_seconds: float = 5.0
 
     # The browser edge (gateway/web): WebSocket chat, grpc-web, the web page and /healthz on one HTTP port
     # of the gateway process. Empty turns it off.

@@ -27,7 +27,8 @@ from duplex.llm.v1 import llm_pb2
 from gateway import personas
 from gateway.clients import HistoryClient, LlmClient, SessionClient
 from gateway.context import ConversationContext, tool_calls_json
-from gateway.hub import HubRegistry, SessionHub, is_terminal
+from gateway.hub import HubRegistry, SessionHub, error_event, is_terminal
+from gateway.recovery import end_abandoned_turn
 from gateway.settings import GatewaySettings
 from gateway.tools import ToolContext, ToolRegistry
 
@@ -51,6 +52,8 @@ class SessionContext:
     model: str
     system_prompt: str
     persona: str = ""
+    # The turn running when the session was opened (on any replica); "" when none.
+    running_turn_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,13 +62,6 @@ class Services:
     history: HistoryClient
     llm: LlmClient
     tools: ToolRegistry
-
-
-def error_event(error: DuplexError, turn_id: str = "") -> chat_pb2.ChatEvent:
-    chat_error = chat_pb2.ChatError(code=error.code.value[0], message=error.message, retryable=error.retryable)
-    if error.retry_after:
-        chat_error.retry_after.FromNanoseconds(int(error.retry_after * 1e9))
-    return chat_pb2.ChatEvent(turn_id=turn_id, error=chat_error)
 
 
 @dataclass
@@ -387,7 +383,7 @@ class TurnManager:
         self._services = services
         self._hubs = hubs
         self._settings = settings
-        self._owner = owner
+        self.owner = owner
         self._tasks: set[asyncio.Task] = set()
         self._draining = False
 
@@ -414,7 +410,7 @@ class TurnManager:
         started = False
         try:
             begun = await self._services.sessions.begin_turn(
-                session.user_id, session.session_id, turn.id, self._owner
+                session.user_id, session.session_id, turn.id, self.owner
             )
             try:
                 stored = await self._services.history.append_message(self._user_message(session, message))
@@ -431,6 +427,11 @@ class TurnManager:
                 hub.turn = None
                 hub.wake()
         hub.restart_at(begun.last_seq)
+        if begun.taken_over_turn_id:  # its gateway died mid-answer: end it in the log before this one starts
+            await end_abandoned_turn(
+                self._services.sessions, self._services.history, hub, session.conversation_id,
+                begun.taken_over_turn_id,
+            )
         accepted = _accepted(session, message, turn.user_message_id, duplicate=False)
         accepted.turn_id = turn.id
         event = hub.publish(accepted)

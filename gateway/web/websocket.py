@@ -27,7 +27,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 
 from duplex.chat.v1 import chat_pb2
-from duplex.common.errors import InvalidArgument, Unauthenticated
+from duplex.common.errors import InvalidArgument, Unauthenticated, Unavailable
 from gateway.auth import Authenticator, bearer_token
 from gateway.chat import ChatConnection, ChatServicer
 from gateway.settings import GatewaySettings
@@ -213,6 +213,8 @@ class ChatSocketHandler:
             await connection.run(stream.requests(connection), stream.write)
         except (Disconnected, ConnectionResetError):
             pass  # a disconnect: running turns go on
+        except Unavailable as error:  # the gateway is draining; the last event said where to resume
+            await close(ws, WSCloseCode.GOING_AWAY, error.message)
         except Exception:
             log.exception("WebSocket chat failed")
             await close(ws, WSCloseCode.INTERNAL_ERROR, "internal error")
