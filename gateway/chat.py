@@ -10,7 +10,7 @@ from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgumen
 from duplex.session.v1 import session_pb2
 from gateway import personas
 from gateway.auth import Authenticator
-from gateway.hub import HubRegistry, SessionHub, error_event, is_terminal
+from gateway.hub import UNLOGGED_LIMIT, HubRegistry, SessionHub, error_event, is_terminal
 from gateway.recovery import end_abandoned_turn
 from gateway.settings import GatewaySettings
 from gateway.turn import Services, SessionContext, TurnManager
@@ -83,7 +83,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         user_id = self._identity.user_id(context)
         _validate_id("session_id", request.session_id, required=True)
         session = await self.services.sessions.get(user_id, request.session_id)
-        if request.after_seq > session.last_seq and self.hubs.get(session.session_id) is None:
+        # A client may be up to UNLOGGED_LIMIT events ahead of the log (shown by a replica that then died).
+        if request.after_seq > session.last_seq + UNLOGGED_LIMIT and self.hubs.get(session.session_id) is None:
             raise OutOfRange(f"after_seq {request.after_seq} is ahead of the session's last seq {session.last_seq}")
         async for event in self._events_after(user_id, session, request.after_seq):
             yield chat_pb2.ResumeStreamResponse(event=event)
@@ -262,7 +263,7 @@ class ChatConnection:
         await self._emit(opened)
         after_seq = self._hub.last_seq
         if open_request.HasField("resume_after_seq"):
-            if open_request.resume_after_seq > after_seq:
+            if open_request.resume_after_seq > after_seq + UNLOGGED_LIMIT:
                 await self._emit(error_event(OutOfRange(
                     f"resume_after_seq {open_request.resume_after_seq} is ahead of the session's last seq {after_seq}"
                 )))

@@ -21,6 +21,9 @@ from gateway.clients import SessionClient
 log = logging.getLogger(__name__)
 
 TERMINAL_KINDS = frozenset({"turn_completed", "turn_cancelled", "error"})
+# Followers never run more than this many events ahead of the session log, so a replica that dies can have
+# shown its clients at most this many events the log never got (see gateway.recovery).
+UNLOGGED_LIMIT = 32
 
 
 def error_event(error: DuplexError, turn_id: str = "") -> chat_pb2.ChatEvent:
@@ -39,6 +42,7 @@ class SessionHub:
         self.session_id = session_id
         self.user_id = user_id
         self.last_seq = last_seq
+        self.logged_seq = last_seq  # the last seq the session service has
         self.turn = None  # the gateway.turn.Turn running in this session on this replica, if any
         self.references = 0
         self._sessions = sessions
@@ -76,6 +80,7 @@ class SessionHub:
         if last_seq != self.last_seq:
             self._recent.clear()
             self.last_seq = last_seq
+        self.logged_seq = last_seq
 
     @property
     def has_unflushed(self) -> bool:
@@ -92,6 +97,10 @@ class SessionHub:
                 self._unflushed[:0] = batch
                 raise
             self.logged_at = time.monotonic()
+            held_back = self.last_seq - self.logged_seq > UNLOGGED_LIMIT
+            self.logged_seq = max(self.logged_seq, batch[-1].seq)
+            if held_back:
+                self.wake()  # followers held back by the limit may go on
 
     def _buffered_after(self, cursor: int) -> list[chat_pb2.ChatEvent] | None:
         """Events after `cursor` from memory; None when some of them are no longer in memory."""
@@ -118,12 +127,13 @@ class SessionHub:
                 if cursor == start:
                     raise OutOfRange(f"events after seq {start} are no longer available")
                 continue
-            for event in events:
+            deliverable = [event for event in events if event.seq <= self.logged_seq + UNLOGGED_LIMIT]
+            for event in deliverable:
                 cursor = event.seq
                 yield event
             if cursor >= self.last_seq and self.turn is None and stop_when_idle():
                 return
-            if not events:
+            if not events or len(deliverable) < len(events):
                 await changed.wait()
 
     async def _read_logged(self, cursor: int) -> AsyncIterator[chat_pb2.ChatEvent]:

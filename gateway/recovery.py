@@ -12,7 +12,7 @@ from duplex.chat.v1 import chat_pb2
 from duplex.common.errors import DuplexError, Unavailable
 from duplex.history.v1 import history_pb2
 from gateway.clients import HistoryClient, SessionClient
-from gateway.hub import SessionHub, error_event
+from gateway.hub import UNLOGGED_LIMIT, SessionHub, error_event
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,10 @@ async def end_abandoned_turn(
                 user_id=hub.user_id, conversation_id=conversation_id, role=history_pb2.ROLE_ASSISTANT,
                 content=text, status=history_pb2.MESSAGE_STATUS_INTERRUPTED, client_message_id=f"turn:{turn_id}",
             ))
+        # The dead replica may have shown clients up to UNLOGGED_LIMIT events the log never got. Empty
+        # deltas take those seqs, so the error lands after anything any client saw and replays stay whole.
+        for _ in range(UNLOGGED_LIMIT):
+            hub.publish(chat_pb2.ChatEvent(turn_id=turn_id, delta=chat_pb2.TextDelta(text="")))
         event = hub.publish(error_event(Unavailable(ABANDONED_MESSAGE), turn_id))
         await hub.flush()
     except DuplexError as error:
