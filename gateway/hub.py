@@ -177,10 +177,13 @@ class HubRegistry:
         hub = self._hubs.get(session_id)
         if hub is None:
             hub = SessionHub(session_id, user_id, last_seq, self._sessions, self._capacity)
-            hub.on_dirty = self._dirty.add
+            hub.on_dirty = self._mark_dirty
             self._hubs[session_id] = hub
         hub.references += 1
         return hub
+
+    def _mark_dirty(self, hub: SessionHub) -> None:
+        self._dirty.add(hub)  # looked up each time: the flusher swaps in a fresh set every tick
 
     async def release(self, hub: SessionHub) -> None:
         hub.references -= 1

@@ -160,3 +160,23 @@ async def test_cancel_turn_rpc_stops_a_send_message_turn(make_system):
 
     again = await system.chat.CancelTurn(chat_pb2.CancelTurnRequest(session_id=opened.session_opened.session_id))
     assert again.cancelled is False  # nothing runs any more
+
+
+async def test_events_reach_the_session_log_while_the_turn_still_runs(make_system):
+    from duplex.session.v1 import session_pb2
+
+    system = await make_system(tokens_per_second=20)
+    chat = ChatStream(system.chat)
+    opened = await chat.open()
+    await chat.say("log me as you go")
+    seen = await chat.until("delta")
+    for _ in range(5):
+        seen.append(await chat.next_event())
+    await asyncio.sleep(0.2)  # several flush intervals
+    log = system.session_store.ReadEvents(
+        session_pb2.ReadEventsRequest(user_id="local", session_id=opened.session_opened.session_id)
+    )
+    logged = [e.seq async for batch in log for e in batch.events]
+    assert logged[: len(seen)] == [e.seq for e in seen]  # batched in while the answer streams
+    assert kinds(await chat.until_turn_ends())[-1] == "turn_completed"
+    chat.cancel()
