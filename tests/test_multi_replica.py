@@ -244,3 +244,21 @@ async def test_a_gateway_stopped_with_sigterm_finishes_its_turns_and_loses_nothi
         stored = await stored_answer(cluster.edge, client.conversation_id)
         assert stored.status == conversation_pb2.MESSAGE_STATUS_COMPLETE
         assert stored.content == client.text()
+
+
+async def test_a_resume_through_the_other_gateway_follows_the_running_turn_exactly_once(cluster):
+    # Talk to gateway a directly, drop the connection mid-answer, resume through gateway b.
+    client = Client(f"127.0.0.1:{cluster.ports['a']}")
+    await client.start_turn()
+    client.call.cancel()
+    await client.channel.close()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{cluster.ports['b']}") as channel:
+        request = chat_pb2.ResumeStreamRequest(session_id=client.session_id, after_seq=client.events[-1].seq)
+        rest = [r.event async for r in chat_pb2_grpc.ChatServiceStub(channel).ResumeStream(request, timeout=30)]
+    assert rest[0].seq == client.events[-1].seq + 1
+    client.events += rest
+    seqs = [e.seq for e in client.events]
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))  # every event once, none missing
+    assert rest[-1].WhichOneof("kind") == "turn_completed"
+    stored = await stored_answer(cluster.edge, client.conversation_id)
+    assert stored.content == client.text()
