@@ -14,6 +14,10 @@ SQLITE_BUSY_TIMEOUT_MS = 5_000
 def create_database_engine(url: str, *, poolclass: type[Pool] | None = None) -> AsyncEngine:
     """An engine for the URL; NullPool (one connection per use) suits short jobs such as migrations."""
     options = {"poolclass": poolclass} if poolclass is not None else {"pool_pre_ping": True}
+    if poolclass is None and make_url(url).get_backend_name() == "sqlite":
+        # SQLite has one writer: with several pooled connections, concurrent transactions fail with
+        # "database is locked" under load. One connection queues them in-process instead.
+        options.update(pool_size=1, max_overflow=0, pool_timeout=60)
     engine = create_async_engine(url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)

@@ -207,3 +207,29 @@ async def test_an_empty_client_message_id_never_deduplicates(stub, conversation_
     assert not any(response.duplicate for response in responses)
     assert len({response.message.message_id for response in responses}) == 3
     assert (await get_conversation(stub, conversation_id)).message_count == 3
+
+
+async def test_many_concurrent_writers_all_succeed(create_conversation, append_message, stub):
+    # The load of many answers finishing at once (SQLite used to fail with "database is locked").
+    conversations = [(await create_conversation(ALICE, f"c{n}")).conversation_id for n in range(20)]
+    appends = [
+        append_message(conversation_id, f"answer {n}", role=history_pb2.ROLE_ASSISTANT, model="m",
+                       prompt_tokens=10, completion_tokens=40, client_message_id=f"turn:{n}")
+        for n in range(10)
+        for conversation_id in conversations
+    ]
+    readers = [
+        stub.ListMessages(history_pb2.ListMessagesRequest(user_id=ALICE, conversation_id=conversation_id))
+        for conversation_id in conversations
+        for _ in range(5)
+    ]
+    renames = [
+        stub.RenameConversation(history_pb2.RenameConversationRequest(
+            user_id=ALICE, conversation_id=conversation_id, title="renamed"))
+        for conversation_id in conversations
+    ]
+    results = await asyncio.gather(*appends, *readers, *renames)
+    responses = results[: len(appends)]
+    assert not any(response.duplicate for response in responses)
+    for conversation_id in conversations:
+        assert (await get_conversation(stub, conversation_id)).message_count == 10
