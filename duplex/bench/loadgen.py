@@ -19,6 +19,8 @@ from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
 from duplex.llm.v1 import llm_pb2, llm_pb2_grpc
 
 TERMINAL = {"turn_completed", "turn_cancelled", "error"}
+# How long a run may go past its duration for the answers already under way.
+OVERRUN_SECONDS = 30
 
 
 @dataclass
@@ -225,7 +227,12 @@ async def run_load(config: dict) -> dict:
             print(f"stream {index}: {type(error).__name__}: {error}", file=sys.stderr)
 
     started = time.monotonic()
-    await asyncio.gather(*(guarded(i) for i in range(streams)))
+    streams_done = asyncio.gather(*(guarded(i) for i in range(streams)))
+    try:  # an overloaded system must not stretch a run without bound: unfinished streams are errors
+        await asyncio.wait_for(streams_done, ramp + config["duration_seconds"] + OVERRUN_SECONDS)
+    except TimeoutError:
+        figures.errors += 1
+        print("run stopped: streams still unfinished after the overrun allowance", file=sys.stderr)
     elapsed = time.monotonic() - started - ramp
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {**figures.__dict__, "elapsed_seconds": elapsed, "cpu_seconds": usage.ru_utime + usage.ru_stime,
