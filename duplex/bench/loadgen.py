@@ -19,6 +19,7 @@ from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
 from duplex.llm.v1 import llm_pb2, llm_pb2_grpc
 
 TERMINAL = {"turn_completed", "turn_cancelled", "error"}
+TERMINAL_JSON = {"turnCompleted", "turnCancelled", "error"}  # the same kinds in the proto3 JSON mapping
 # How long a run may go past its duration for the answers already under way.
 OVERRUN_SECONDS = 30
 
@@ -98,7 +99,7 @@ async def websocket_stream(config: dict, figures: Figures, stop_at: float, offse
                 kind = next(k for k in event if k not in ("seq", "sessionId", "turnId", "time"))
                 figures.on_event(kind, _rfc3339(event["time"]), sent_at, first and kind == "delta")
                 first = first and kind != "delta"
-                if kind in TERMINAL and event.get("turnId"):
+                if kind in TERMINAL_JSON and event.get("turnId"):
                     return
 
         await run_schedule(turn, config, figures, stop_at, offset)
