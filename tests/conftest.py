@@ -58,14 +58,15 @@ class System:
 
 
 async def start_system(
-    data_dir: Path, tokens_per_second: float = 100.0, session_overrides: dict | None = None, **gateway_overrides
+    data_dir: Path, tokens_per_second: float = 100.0, session_overrides: dict | None = None,
+    llm_overrides: dict | None = None, **gateway_overrides
 ) -> System:
     # One message per token (no coalescing) so tests can count deltas; no real provider even if a developer
     # has OPENAI_API_KEY set.
-    llm = await create_llm(LlmSettings(
-        llm_listen=LOOPBACK_ANY_PORT, local_tokens_per_second=tokens_per_second, llm_coalesce_window_ms=0,
-        openai_api_key=None,
-    ))
+    llm = await create_llm(LlmSettings(**{
+        "llm_listen": LOOPBACK_ANY_PORT, "local_tokens_per_second": tokens_per_second,
+        "llm_coalesce_window_ms": 0, "openai_api_key": None, **(llm_overrides or {}),
+    }))
     history = await create_history(HistorySettings(
         history_listen=LOOPBACK_ANY_PORT, data_dir=data_dir, llm_target=f"127.0.0.1:{llm.port}"
     ))
