@@ -289,6 +289,8 @@ class Turn:
             log.error("turn %s: answer not stored: %s", self.id, error.message)
             self._publish(error_event(Unavailable("the answer could not be saved; send the message again")))
             return
+        if self._first_turn:  # titled before the turn ends, so a client refreshing its list sees it
+            await self._name_conversation()
         completed = chat_pb2.TurnCompleted(
             finish_reason=_FINISH_REASONS.get(finish_reason, chat_pb2.FINISH_REASON_STOP),
             usage=self._usage(), assistant_message_id=message_id, tokens_per_second=self._tokens_per_second(),
@@ -328,8 +330,6 @@ class Turn:
             )
         except DuplexError as error:
             log.warning("turn %s: could not mark the turn ended: %s", self.id, error.message)
-        if self._first_turn and self._round.finish_reason != llm_pb2.FINISH_REASON_UNSPECIFIED:
-            await self._name_conversation()
 
     async def _name_conversation(self) -> None:
         """After a conversation's first answer, title it after the user's opening message."""
