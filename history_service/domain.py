@@ -77,6 +77,8 @@ class AppendResult:
     message: Message
     # True when the client_message_id was already stored and `message` is that earlier message.
     duplicate: bool
+    # The conversation's message count right after this append (for a duplicate, its current count).
+    conversation_message_count: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -133,14 +133,16 @@ class HistoryRepository:
         if conversation_id is None:
             raise _conversation_not_found()
         try:
-            return AppendResult(await self._insert_message(user_id, conversation_id, new), duplicate=False)
+            message, count = await self._insert_message(user_id, conversation_id, new)
+            return AppendResult(message, duplicate=False, conversation_message_count=count)
         except IntegrityError:
             if new.client_message_id is None:
                 raise
-            original = await self._find_by_client_message_id(user_id, conversation_id, new.client_message_id)
-            if original is None:
+            found = await self._find_by_client_message_id(user_id, conversation_id, new.client_message_id)
+            if found is None:
                 raise
-            return AppendResult(original, duplicate=True)
+            original, count = found
+            return AppendResult(original, duplicate=True, conversation_message_count=count)
 
     async def list_messages(
         self, user_id: str, conversation_id: str, limit: int, after_pk: int | None = None
@@ -178,19 +180,21 @@ class HistoryRepository:
             rows = (await session.scalars(query)).all()
         return [UsageRecord(row.day, row.model, row.prompt_tokens, row.completion_tokens, row.messages) for row in rows]
 
-    async def _insert_message(self, user_id: str, conversation_id: str, new: NewMessage) -> Message:
+    async def _insert_message(self, user_id: str, conversation_id: str, new: NewMessage) -> tuple[Message, int]:
+        """The stored message and the conversation's message count including it."""
         now = self._clock()
         async with self._sessionmaker() as session:
             # Write to the conversation first: it checks ownership and takes the write lock (a row lock
             # on PostgreSQL, the database lock on SQLite) before anything is read, so concurrent appends
             # queue up here instead of failing to upgrade a read transaction.
-            bumped = await session.execute(
+            count = await session.scalar(
                 update(ConversationRow)
                 .where(ConversationRow.id == conversation_id, ConversationRow.user_id == user_id)
                 .values(updated_at=now, message_count=ConversationRow.message_count + 1)
+                .returning(ConversationRow.message_count)
                 .execution_options(synchronize_session=False)
             )
-            if bumped.rowcount == 0:
+            if count is None:
                 raise _conversation_not_found()
             if new.parent_message_id is not None:
                 await _require_message_in(session, conversation_id, new.parent_message_id)
@@ -201,13 +205,14 @@ class HistoryRepository:
             if row.role is Role.ASSISTANT:
                 await session.execute(_add_usage(dialect_name(session), user_id, row))
             await session.commit()
-        return to_message(row)
+        return to_message(row), count
 
     async def _find_by_client_message_id(
         self, user_id: str, conversation_id: str, client_message_id: str
-    ) -> Message | None:
+    ) -> tuple[Message, int] | None:
+        """The stored message and its conversation's current message count."""
         query = (
-            select(MessageRow)
+            select(MessageRow, ConversationRow.message_count)
             .join(ConversationRow, ConversationRow.id == MessageRow.conversation_id)
             .where(
                 ConversationRow.user_id == user_id,
@@ -216,8 +221,8 @@ class HistoryRepository:
             )
         )
         async with self._sessionmaker() as session:
-            row = await session.scalar(query)
-        return to_message(row) if row is not None else None
+            found = (await session.execute(query)).first()
+        return (to_message(found[0]), found[1]) if found is not None else None
 
 
 async def owned_conversation(session: AsyncSession, user_id: str, conversation_id: str) -> ConversationRow:

@@ -158,7 +158,11 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
     ) -> history_pb2.AppendMessageResponse:
         user_id = require_user_id(request.user_id)
         result = await self.writes.run(self._repository.append_message(user_id, new_message_from_request(request)))
-        return history_pb2.AppendMessageResponse(message=message_to_proto(result.message), duplicate=result.duplicate)
+        return history_pb2.AppendMessageResponse(
+            message=message_to_proto(result.message),
+            duplicate=result.duplicate,
+            conversation_message_count=result.conversation_message_count,
+        )
 
     async def ListMessages(
         self, request: history_pb2.ListMessagesRequest, context: grpc.aio.ServicerContext

@@ -82,6 +82,30 @@ async def test_append_bumps_updated_at_and_message_count(stub, conversation_id, 
     assert after.updated_at.ToDatetime() >= first.created_at.ToDatetime() > before.updated_at.ToDatetime()
 
 
+async def test_append_returns_the_conversation_message_count(stub, conversation_id, append_message):
+    counts = [(await append_message(conversation_id, f"m{n}")).conversation_message_count for n in range(3)]
+
+    assert counts == [1, 2, 3]
+    assert (await get_conversation(stub, conversation_id)).message_count == 3
+
+
+async def test_a_duplicate_returns_the_current_message_count(conversation_id, append_message):
+    await append_message(conversation_id, "first", client_message_id="client-1")
+    await append_message(conversation_id, "second")
+
+    retry = await append_message(conversation_id, "first again", client_message_id="client-1")
+
+    assert retry.duplicate
+    assert retry.conversation_message_count == 2
+
+
+async def test_concurrent_appends_return_distinct_message_counts(conversation_id, append_message):
+    # Each count is the one right after its own append, so a client can tell whether anyone else wrote.
+    responses = await asyncio.gather(*(append_message(conversation_id, f"m{n}") for n in range(8)))
+
+    assert sorted(response.conversation_message_count for response in responses) == list(range(1, 9))
+
+
 async def test_messages_are_listed_oldest_first_across_pages(stub, conversation_id, append_message):
     roles = [history_pb2.ROLE_SYSTEM, history_pb2.ROLE_USER, history_pb2.ROLE_ASSISTANT]
     for index in range(7):
@@ -185,6 +209,7 @@ async def test_concurrent_appends_of_one_client_message_id_store_one_message(stu
     assert sorted(response.duplicate for response in responses) == [False, True, True]
     assert len({response.message.message_id for response in responses}) == 1
     assert len({response.message.content for response in responses}) == 1
+    assert [response.conversation_message_count for response in responses] == [1, 1, 1]
     [[stored]] = await list_all_messages(stub, conversation_id, 10)
     assert stored.message_id == responses[0].message.message_id
     assert (await get_conversation(stub, conversation_id)).message_count == 1

@@ -194,12 +194,14 @@ class AppendMessageRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., status: _Optional[_Union[MessageStatus, str]] = ..., client_message_id: _Optional[str] = ..., model: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., tool_calls_json: _Optional[str] = ..., tool_call_id: _Optional[str] = ..., tool_name: _Optional[str] = ..., parent_message_id: _Optional[str] = ...) -> None: ...
 
 class AppendMessageResponse(_message.Message):
-    __slots__ = ("message", "duplicate")
+    __slots__ = ("message", "duplicate", "conversation_message_count")
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_MESSAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     message: Message
     duplicate: bool
-    def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., duplicate: _Optional[bool] = ...) -> None: ...
+    conversation_message_count: int
+    def __init__(self, message: _Optional[_Union[Message, _Mapping]] = ..., duplicate: _Optional[bool] = ..., conversation_message_count: _Optional[int] = ...) -> None: ...
 
 class ListMessagesRequest(_message.Message):
     __slots__ = ("user_id", "conversation_id", "page_size", "page_token")
