@@ -9,11 +9,17 @@ from gateway.clients import HistoryClient
 
 
 class ConversationContext:
-    """The most recent messages of a conversation (tool rounds kept whole) and its first user message."""
+    """The most recent stored messages of a conversation (what the model sees) and its first user message.
 
-    def __init__(self, messages: list[llm_pb2.Message], first_user_text: str):
-        self.messages = messages
+    A session's hub keeps its context between turns and `record`s every message the turn stores, so a
+    turn does not read the conversation back. The conversation's message count, returned by each append,
+    says whether the copy is still whole: anything stored elsewhere in between makes it stale.
+    """
+
+    def __init__(self, limit: int, stored: list[history_pb2.Message], first_user_text: str, message_count: int):
+        self._recent: deque[history_pb2.Message] = deque(stored, maxlen=limit)
         self.first_user_text = first_user_text
+        self.message_count = message_count  # the conversation's count this copy reflects; -1 when unknown
 
     @classmethod
     async def load(cls, history: HistoryClient, user_id: str, conversation_id: str, limit: int):
@@ -28,7 +34,26 @@ class ConversationContext:
             page_token = page.next_page_token
             if not page_token:
                 break
-        return cls(_well_formed([to_llm_message(m) for m in recent if _visible(m)]), first_user_text)
+        return cls(limit, list(recent), first_user_text, message_count=-1)
+
+    def record(self, stored: history_pb2.AppendMessageResponse) -> bool:
+        """Add a message this replica just stored; False (and nothing added) when the copy is stale."""
+        if stored.duplicate or stored.conversation_message_count != self.message_count + 1:
+            return False
+        self._recent.append(stored.message)
+        self.message_count = stored.conversation_message_count
+        if not self.first_user_text and stored.message.role == history_pb2.ROLE_USER:
+            self.first_user_text = stored.message.content
+        return True
+
+    def counted_at(self, stored: history_pb2.AppendMessageResponse) -> None:
+        """A fresh load ending with `stored` reflects the conversation as of that append."""
+        if self._recent and self._recent[-1].message_id == stored.message.message_id:
+            self.message_count = stored.conversation_message_count
+
+    @property
+    def messages(self) -> list[llm_pb2.Message]:
+        return _well_formed([to_llm_message(m) for m in self._recent if _visible(m)])
 
 
 def _visible(message: history_pb2.Message) -> bool:

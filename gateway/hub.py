@@ -44,6 +44,7 @@ class SessionHub:
         self.last_seq = last_seq
         self.logged_seq = last_seq  # the last seq the session service has
         self.turn = None  # the gateway.turn.Turn running in this session on this replica, if any
+        self.context = None  # the conversation as the last turn here left it (gateway.context.ConversationContext)
         self.references = 0
         self._sessions = sessions
         self._recent: deque[chat_pb2.ChatEvent] = deque(maxlen=capacity)

@@ -85,6 +85,7 @@ class Turn:
         self._user_text = message.text
         self._first_turn = False
         self.user_message_id = ""
+        self.user_message_stored = history_pb2.AppendMessageResponse()
         self.hub = hub
         self.session = session
         self._services = services
@@ -149,16 +150,14 @@ class Turn:
 
     async def _produce(self) -> int:
         """Call the model, running the tools it asks for, until it answers (bounded rounds)."""
-        context = await ConversationContext.load(
-            self._services.history, self.session.user_id, self.session.conversation_id,
-            self._settings.context_messages,
-        )
+        context = await self._context()
         system_prompt = personas.system_prompt(
             self.session.persona, self.session.system_prompt, self._settings.default_system_prompt,
             context.first_user_text,
         )
-        messages = [llm_pb2.Message(role=llm_pb2.ROLE_SYSTEM, content=system_prompt), *context.messages]
-        self._first_turn = len(context.messages) == 1  # only this turn's own message
+        history = context.messages
+        messages = [llm_pb2.Message(role=llm_pb2.ROLE_SYSTEM, content=system_prompt), *history]
+        self._first_turn = len(history) == 1  # only this turn's own message
         for round_number in range(self._settings.max_tool_rounds + 1):
             allow_tools = round_number < self._settings.max_tool_rounds
             await self._generate(messages, allow_tools)
@@ -167,6 +166,18 @@ class Turn:
             messages += await self._run_tools(round_number)
             self._close_round()
         raise Internal("the model kept asking for tools")
+
+    async def _context(self) -> ConversationContext:
+        """The conversation up to this turn's message: the hub's copy when it is current, else read back."""
+        context = self.hub.context
+        if context is None or not context.record(self.user_message_stored):
+            context = await ConversationContext.load(
+                self._services.history, self.session.user_id, self.session.conversation_id,
+                self._settings.context_messages,
+            )
+            context.counted_at(self.user_message_stored)
+            self.hub.context = context
+        return context
 
     async def _generate(self, messages: list[llm_pb2.Message], allow_tools: bool) -> None:
         tools = self._services.tools.definitions() if allow_tools else []
@@ -262,7 +273,10 @@ class Turn:
     async def _store(self, request: history_pb2.AppendMessageRequest) -> str:
         request.user_id = self.session.user_id
         request.conversation_id = self.session.conversation_id
-        return (await self._services.history.append_message(request)).message.message_id
+        stored = await self._services.history.append_message(request)
+        if self.hub.context is not None and not self.hub.context.record(stored):
+            self.hub.context = None  # something else was stored meanwhile: the next turn reads it back
+        return stored.message.message_id
 
     async def _store_reply(self, status: int) -> str:
         """Store the answer (whole or partial) once per turn; returns its message id."""
@@ -421,6 +435,7 @@ class TurnManager:
                 await self._end_quietly(session, turn)
                 return None, _accepted(session, message, stored.message.message_id, duplicate=True)
             turn.user_message_id = stored.message.message_id
+            turn.user_message_stored = stored
             started = True
         finally:
             if not started:

@@ -1,0 +1,67 @@
+"""A session keeps its conversation between turns instead of reading it back from history each turn,
+and reads it back whenever something else was stored in the conversation meanwhile."""
+
+from chat_helpers import ChatStream, text_of
+
+from duplex.history.v1 import history_pb2
+from gateway import turn as turn_module
+from gateway.context import ConversationContext
+
+
+def stored(count: int, role=history_pb2.ROLE_USER, text="hi", duplicate=False) -> history_pb2.AppendMessageResponse:
+    message = history_pb2.Message(message_id=f"m{count}", role=role, content=text)
+    return history_pb2.AppendMessageResponse(message=message, conversation_message_count=count, duplicate=duplicate)
+
+
+def test_a_context_takes_only_the_next_message_of_the_conversation():
+    context = ConversationContext(limit=3, stored=[], first_user_text="", message_count=0)
+    assert context.record(stored(1, text="first"))
+    assert context.record(stored(2, role=history_pb2.ROLE_ASSISTANT, text="answer"))
+    assert not context.record(stored(4))  # message 3 was stored by someone else
+    assert not context.record(stored(3, duplicate=True))  # already stored once, so not new
+    assert context.record(stored(3, text="second"))
+    assert context.record(stored(4, text="third"))
+    assert [m.content for m in context.messages] == ["answer", "second", "third"]  # the window
+    assert context.first_user_text == "first"
+
+
+def test_a_fresh_load_knows_its_count_only_when_it_ends_with_the_turns_own_message():
+    mine = stored(5)
+    context = ConversationContext(limit=10, stored=[mine.message], first_user_text="", message_count=-1)
+    context.counted_at(stored(6))  # not the newest message: the count stays unknown
+    assert context.message_count == -1
+    context.counted_at(mine)
+    assert context.message_count == 5
+
+
+async def test_later_turns_of_a_session_do_not_read_the_conversation_back(system, monkeypatch):
+    loads = []
+    original = ConversationContext.load
+
+    async def counting_load(*args, **kwargs):
+        loads.append(args)
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(turn_module.ConversationContext, "load", counting_load)
+    chat = ChatStream(system.chat)
+    await chat.open()
+    for number in range(3):
+        await chat.say(f"message {number}")
+        answer = text_of(await chat.until_turn_ends())
+    assert len(loads) == 1
+    assert "You have sent 3 messages" in answer
+
+
+async def test_a_message_stored_by_another_session_is_in_the_next_turns_context(system):
+    first = ChatStream(system.chat)
+    opened = await first.open()
+    await first.say("one")
+    await first.until_turn_ends()
+
+    other = ChatStream(system.chat)  # a second tab on the same conversation
+    await other.open(conversation_id=opened.session_opened.conversation_id)
+    await other.say("two")
+    assert "You have sent 2 messages" in text_of(await other.until_turn_ends())
+
+    await first.say("three")
+    assert "You have sent 3 messages" in text_of(await first.until_turn_ends())
