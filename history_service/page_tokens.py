@@ -16,6 +16,8 @@ from history_service.repository import canonical_id
 
 CONVERSATIONS_TAG = "c"
 MESSAGES_TAG = "m"
+# Newest-first message pages have their own tag: a cursor means "older than" there, not "newer than".
+NEWEST_MESSAGES_TAG = "mn"
 SEARCH_TAG = "s"
 
 
@@ -40,19 +42,23 @@ def decode_conversation_token(token: str) -> ConversationCursor | None:
     return ConversationCursor(updated_at, conversation_id)
 
 
-def encode_message_token(after_pk: int) -> str:
-    return _encode([MESSAGES_TAG, after_pk])
+def encode_message_token(after_pk: int, *, newest_first: bool = False) -> str:
+    return _encode([_message_tag(newest_first), after_pk])
 
 
-def decode_message_token(token: str) -> int | None:
-    """None for the first page (empty token)."""
+def decode_message_token(token: str, *, newest_first: bool = False) -> int | None:
+    """None for the first page (empty token); a token issued for the other direction is invalid."""
     if not token:
         return None
-    (after_pk,) = _decode(token, MESSAGES_TAG, field_count=1)
+    (after_pk,) = _decode(token, _message_tag(newest_first), field_count=1)
     # bool is an int in Python; a real cursor is never one.
     if not isinstance(after_pk, int) or isinstance(after_pk, bool) or after_pk < 0:
         raise _invalid()
     return after_pk
+
+
+def _message_tag(newest_first: bool) -> str:
+    return NEWEST_MESSAGES_TAG if newest_first else MESSAGES_TAG
 
 
 def encode_search_token(offset: int, query: str) -> str:

@@ -145,13 +145,24 @@ class HistoryRepository:
             return AppendResult(original, duplicate=True, conversation_message_count=count)
 
     async def list_messages(
-        self, user_id: str, conversation_id: str, limit: int, after_pk: int | None = None
+        self,
+        user_id: str,
+        conversation_id: str,
+        limit: int,
+        after_pk: int | None = None,
+        *,
+        newest_first: bool = False,
     ) -> MessagePage:
-        """Oldest first, in insertion order."""
+        """Oldest first, in insertion order; or newest first, where "after" a pk means older than it."""
         _require_positive(limit)
-        query = select(MessageRow).order_by(MessageRow.pk).limit(limit + 1)
-        if after_pk is not None:
-            query = query.where(MessageRow.pk > after_pk)
+        if newest_first:
+            query = select(MessageRow).order_by(MessageRow.pk.desc()).limit(limit + 1)
+            if after_pk is not None:
+                query = query.where(MessageRow.pk < after_pk)
+        else:
+            query = select(MessageRow).order_by(MessageRow.pk).limit(limit + 1)
+            if after_pk is not None:
+                query = query.where(MessageRow.pk > after_pk)
         async with self._sessionmaker() as session:
             conversation = await owned_conversation(session, user_id, conversation_id)
             rows = (await session.scalars(query.where(MessageRow.conversation_id == conversation.id))).all()

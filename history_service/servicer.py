@@ -169,9 +169,14 @@ class HistoryServicer(history_pb2_grpc.HistoryServiceServicer):
     ) -> history_pb2.ListMessagesResponse:
         user_id = require_user_id(request.user_id)
         limit = page_size(request.page_size, DEFAULT_MESSAGE_PAGE_SIZE, MAX_MESSAGE_PAGE_SIZE)
-        after_pk = page_tokens.decode_message_token(request.page_token)
-        page = await self._repository.list_messages(user_id, request.conversation_id, limit, after_pk)
-        next_token = page_tokens.encode_message_token(page.next_after_pk) if page.next_after_pk is not None else ""
+        newest_first = request.newest_first
+        after_pk = page_tokens.decode_message_token(request.page_token, newest_first=newest_first)
+        page = await self._repository.list_messages(
+            user_id, request.conversation_id, limit, after_pk, newest_first=newest_first
+        )
+        next_token = ""
+        if page.next_after_pk is not None:
+            next_token = page_tokens.encode_message_token(page.next_after_pk, newest_first=newest_first)
         return history_pb2.ListMessagesResponse(
             messages=[message_to_proto(message) for message in page.messages], next_page_token=next_token
         )

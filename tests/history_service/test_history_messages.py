@@ -13,11 +13,17 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 UINT32_MAX = 2**32 - 1
 
 
-async def list_all_messages(stub, conversation_id: str, page_size: int) -> list[list[history_pb2.Message]]:
+async def list_all_messages(
+    stub, conversation_id: str, page_size: int, *, newest_first: bool = False
+) -> list[list[history_pb2.Message]]:
     pages, token = [], ""
     while True:
         request = history_pb2.ListMessagesRequest(
-            user_id=ALICE, conversation_id=conversation_id, page_size=page_size, page_token=token
+            user_id=ALICE,
+            conversation_id=conversation_id,
+            page_size=page_size,
+            page_token=token,
+            newest_first=newest_first,
         )
         response = await stub.ListMessages(request)
         pages.append(list(response.messages))
@@ -122,6 +128,70 @@ async def test_messages_are_listed_oldest_first_across_pages(stub, conversation_
 
 async def test_an_empty_conversation_lists_no_messages(stub, conversation_id):
     assert await list_all_messages(stub, conversation_id, page_size=0) == [[]]
+    assert await list_all_messages(stub, conversation_id, page_size=0, newest_first=True) == [[]]
+
+
+async def test_newest_first_pages_run_from_the_newest_message_back(stub, conversation_id, append_message):
+    for index in range(7):
+        await append_message(conversation_id, f"m{index}")
+
+    pages = await list_all_messages(stub, conversation_id, page_size=3, newest_first=True)
+
+    assert [[m.content for m in page] for page in pages] == [["m6", "m5", "m4"], ["m3", "m2", "m1"], ["m0"]]
+    oldest_first = await list_all_messages(stub, conversation_id, page_size=10)
+    assert [m for page in pages for m in page] == list(reversed(oldest_first[0]))
+
+
+async def test_newest_first_reads_the_context_window_in_one_call(stub, conversation_id, append_message):
+    for index in range(5):
+        await append_message(conversation_id, f"m{index}")
+
+    request = history_pb2.ListMessagesRequest(
+        user_id=ALICE, conversation_id=conversation_id, page_size=5, newest_first=True
+    )
+    response = await stub.ListMessages(request)
+
+    assert [m.content for m in response.messages] == ["m4", "m3", "m2", "m1", "m0"]
+    assert response.next_page_token == ""
+
+
+async def test_newest_first_paging_continues_past_messages_appended_meanwhile(stub, conversation_id, append_message):
+    for index in range(4):
+        await append_message(conversation_id, f"m{index}")
+    request = history_pb2.ListMessagesRequest(
+        user_id=ALICE, conversation_id=conversation_id, page_size=2, newest_first=True
+    )
+    first = await stub.ListMessages(request)
+
+    await append_message(conversation_id, "later")
+    request.page_token = first.next_page_token
+    second = await stub.ListMessages(request)
+
+    assert [m.content for m in first.messages] == ["m3", "m2"]
+    assert [m.content for m in second.messages] == ["m1", "m0"]
+    assert second.next_page_token == ""
+
+
+async def test_a_page_token_only_works_in_its_own_direction(stub, conversation_id, append_message, status_of):
+    for index in range(3):
+        await append_message(conversation_id, f"m{index}")
+
+    def list_messages(newest_first: bool, token: str = ""):
+        request = history_pb2.ListMessagesRequest(
+            user_id=ALICE, conversation_id=conversation_id, page_size=1, page_token=token, newest_first=newest_first
+        )
+        return stub.ListMessages(request)
+
+    oldest_token = (await list_messages(False)).next_page_token
+    newest_token = (await list_messages(True)).next_page_token
+    assert await status_of(list_messages(True, oldest_token)) == INVALID
+    assert await status_of(list_messages(False, newest_token)) == INVALID
+
+
+async def test_newest_first_hides_other_users_conversations(stub, conversation_id, append_message, status_of):
+    await append_message(conversation_id, "secret")
+    request = history_pb2.ListMessagesRequest(user_id="bob", conversation_id=conversation_id, newest_first=True)
+    assert await status_of(stub.ListMessages(request)) == grpc.StatusCode.NOT_FOUND
 
 
 async def test_message_page_size_zero_means_100(stub, conversation_id, append_message):
