@@ -155,6 +155,34 @@ class AppendEventsResponse(_message.Message):
     last_seq: int
     def __init__(self, last_seq: _Optional[int] = ...) -> None: ...
 
+class AppendEventBatchesRequest(_message.Message):
+    __slots__ = ("batches",)
+    BATCHES_FIELD_NUMBER: _ClassVar[int]
+    batches: _containers.RepeatedCompositeFieldContainer[AppendEventsRequest]
+    def __init__(self, batches: _Optional[_Iterable[_Union[AppendEventsRequest, _Mapping]]] = ...) -> None: ...
+
+class AppendEventBatchesResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[AppendEventsResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[AppendEventsResult, _Mapping]]] = ...) -> None: ...
+
+class AppendEventsResult(_message.Message):
+    __slots__ = ("last_seq", "error")
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    last_seq: int
+    error: AppendEventsError
+    def __init__(self, last_seq: _Optional[int] = ..., error: _Optional[_Union[AppendEventsError, _Mapping]] = ...) -> None: ...
+
+class AppendEventsError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class ReadEventsRequest(_message.Message):
     __slots__ = ("user_id", "session_id", "after_seq", "follow")
     USER_ID_FIELD_NUMBER: _ClassVar[int]

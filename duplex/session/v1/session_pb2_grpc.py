@@ -66,6 +66,11 @@ class SessionServiceStub:
                 request_serializer=duplex_dot_session_dot_v1_dot_session__pb2.AppendEventsRequest.SerializeToString,
                 response_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.AppendEventsResponse.FromString,
                 _registered_method=True)
+        self.AppendEventBatches = channel.unary_unary(
+                '/duplex.session.v1.SessionService/AppendEventBatches',
+                request_serializer=duplex_dot_session_dot_v1_dot_session__pb2.AppendEventBatchesRequest.SerializeToString,
+                response_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.AppendEventBatchesResponse.FromString,
+                _registered_method=True)
         self.ReadEvents = channel.unary_stream(
                 '/duplex.session.v1.SessionService/ReadEvents',
                 request_serializer=duplex_dot_session_dot_v1_dot_session__pb2.ReadEventsRequest.SerializeToString,
@@ -120,6 +125,14 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AppendEventBatches(self, request, context):
+        """AppendEventBatches appends to several sessions' logs in one call, each batch as AppendEvents would;
+        a refused batch does not stop the others. A gateway sends everything it has to log in one call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReadEvents(self, request, context):
         """ReadEvents streams the logged events after after_seq; with follow it then streams new events
         while a turn runs, and ends once no turn runs and everything was delivered.
@@ -160,6 +173,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.AppendEvents,
                     request_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.AppendEventsRequest.FromString,
                     response_serializer=duplex_dot_session_dot_v1_dot_session__pb2.AppendEventsResponse.SerializeToString,
+            ),
+            'AppendEventBatches': grpc.unary_unary_rpc_method_handler(
+                    servicer.AppendEventBatches,
+                    request_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.AppendEventBatchesRequest.FromString,
+                    response_serializer=duplex_dot_session_dot_v1_dot_session__pb2.AppendEventBatchesResponse.SerializeToString,
             ),
             'ReadEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadEvents,
@@ -331,6 +349,33 @@ class SessionService:
             '/duplex.session.v1.SessionService/AppendEvents',
             duplex_dot_session_dot_v1_dot_session__pb2.AppendEventsRequest.SerializeToString,
             duplex_dot_session_dot_v1_dot_session__pb2.AppendEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AppendEventBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.session.v1.SessionService/AppendEventBatches',
+            duplex_dot_session_dot_v1_dot_session__pb2.AppendEventBatchesRequest.SerializeToString,
+            duplex_dot_session_dot_v1_dot_session__pb2.AppendEventBatchesResponse.FromString,
             options,
             channel_credentials,
             insecure,
