@@ -52,10 +52,14 @@ local function keys_of(prefix, sid)
   }
 end
 
--- Session scripts get these declared keys first, in this order (RedisKeys.of_session).
-local function declared_keys()
+-- Session scripts get these declared keys first, in this order (RedisKeys.of_session); a script for
+-- several sessions gets them one session after the other, the next session's starting at KEYS[base + 1].
+local SESSION_KEY_COUNT = 6
+local function declared_keys(base)
+  local b = base or 0
   return {
-    session = KEYS[1], log = KEYS[2], turns = KEYS[3], expiries = KEYS[4], ended = KEYS[5], ended_record = KEYS[6],
+    session = KEYS[b + 1], log = KEYS[b + 2], turns = KEYS[b + 3], expiries = KEYS[b + 4], ended = KEYS[b + 5],
+    ended_record = KEYS[b + 6],
   }
 end
 
@@ -246,34 +250,55 @@ touch(k, sid, s, now, ttl_ms, grace_ms)
 return {'OK'}
 """
 
+# The append shared by APPEND and APPEND_BATCHES: `count` events whose (seq, turn, payload, terminal)
+# start at ARGV[first]. Returns OK last_seq | EMPTY expected | GAP expected got | NOT_FOUND; a refusal
+# changes nothing.
+_APPEND_EVENTS = r"""
+local function append_events(k, sid, now, ttl_ms, grace_ms, lease_ms, max_events, first, count)
+  local s = live_session(k, now)
+  if s == nil then return {'NOT_FOUND'} end
+  local last = tonumber(s.last_seq)
+  if count == 0 then return {'EMPTY', int(last + 1)} end
+  for i = 0, count - 1 do
+    local seq = ARGV[first + i * 4]
+    if tonumber(seq) ~= last + 1 + i then return {'GAP', int(last + 1 + i), seq} end
+  end
+  for i = 0, count - 1 do
+    local at = first + i * 4
+    redis.call('XADD', k.log, ARGV[at] .. '-0', 'turn', ARGV[at + 1], 'payload', ARGV[at + 2], 'terminal', ARGV[at + 3])
+  end
+  redis.call('XTRIM', k.log, 'MAXLEN', '~', max_events)
+  s.last_seq = int(last + count)
+  redis.call('HSET', k.session, 'last_seq', s.last_seq)
+  -- Appending is the owner's heartbeat: it keeps both the running turn and the session alive.
+  if turn_running(s, now) then redis.call('HSET', k.session, 'lease_ms', int(now + lease_ms)) end
+  touch(k, sid, s, now, ttl_ms, grace_ms)
+  return {'OK', s.last_seq}
+end
+"""
+
 # KEYS: session keys. ARGV: sid, ttl_ms, grace_ms, lease_ms, max_events, then seq, turn, payload, terminal
-# per event. Returns OK last_seq | EMPTY expected | GAP expected got | NOT_FOUND.
-APPEND = r"""
-local k = declared_keys()
-local sid, ttl_ms, grace_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local lease_ms, max_events = tonumber(ARGV[4]), ARGV[5]
-local FIRST, WIDTH = 6, 4
+# per event. Returns what append_events returns.
+APPEND = _APPEND_EVENTS + r"""
+local FIRST = 6
+return append_events(declared_keys(), ARGV[1], now_ms(), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]),
+                     ARGV[5], FIRST, (#ARGV - FIRST + 1) / 4)
+"""
+
+# KEYS: the session keys of each batch, one session after the other. ARGV: ttl_ms, grace_ms, lease_ms,
+# max_events, then per batch: sid, count, and seq, turn, payload, terminal per event. Returns, per batch,
+# what append_events returns: several sessions' appends in one round trip, each refused or done on its own.
+APPEND_BATCHES = _APPEND_EVENTS + r"""
+local ttl_ms, grace_ms, lease_ms, max_events = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
 local now = now_ms()
-local s = live_session(k, now)
-if s == nil then return {'NOT_FOUND'} end
-local last = tonumber(s.last_seq)
-local count = (#ARGV - FIRST + 1) / WIDTH
-if count == 0 then return {'EMPTY', int(last + 1)} end
-for i = 0, count - 1 do
-  local seq = ARGV[FIRST + i * WIDTH]
-  if tonumber(seq) ~= last + 1 + i then return {'GAP', int(last + 1 + i), seq} end
+local replies, at = {}, 5
+for batch = 0, #KEYS / SESSION_KEY_COUNT - 1 do
+  local sid, count = ARGV[at], tonumber(ARGV[at + 1])
+  local k = declared_keys(batch * SESSION_KEY_COUNT)
+  table.insert(replies, append_events(k, sid, now, ttl_ms, grace_ms, lease_ms, max_events, at + 2, count))
+  at = at + 2 + count * 4
 end
-for i = 0, count - 1 do
-  local at = FIRST + i * WIDTH
-  redis.call('XADD', k.log, ARGV[at] .. '-0', 'turn', ARGV[at + 1], 'payload', ARGV[at + 2], 'terminal', ARGV[at + 3])
-end
-redis.call('XTRIM', k.log, 'MAXLEN', '~', max_events)
-s.last_seq = int(last + count)
-redis.call('HSET', k.session, 'last_seq', s.last_seq)
--- Appending is the owner's heartbeat: it keeps both the running turn and the session alive.
-if turn_running(s, now) then redis.call('HSET', k.session, 'lease_ms', int(now + lease_ms)) end
-touch(k, sid, s, now, ttl_ms, grace_ms)
-return {'OK', s.last_seq}
+return replies
 """
 
 # KEYS: session keys. ARGV: sid, user, after_seq, count, touch ('1' on a reader's first pass), ttl_ms, grace_ms,

@@ -24,10 +24,11 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from duplex.common.errors import Unavailable
+from duplex.common.errors import DuplexError, Unavailable
 from session_service.quota import NO_LIMITS, QuotaLimits, QuotaStatus, messages_exhausted, tokens_exhausted
 from session_service.redis_scripts import (
     APPEND,
+    APPEND_BATCHES,
     BEGIN_TURN,
     CLAIM_ENDED,
     CLOSE,
@@ -52,6 +53,8 @@ from session_service.session_end import (
 from session_service.store import (
     DEFAULT_END_RETRY_SECONDS,
     MAX_EVENTS_PER_BATCH,
+    AppendOutcome,
+    EventBatch,
     LogEntry,
     SessionInfo,
     TurnStart,
@@ -182,6 +185,7 @@ class _Scripts:
         self.begin_turn = register(BEGIN_TURN)
         self.end_turn = register(END_TURN)
         self.append = register(APPEND)
+        self.append_batches = register(APPEND_BATCHES)
         self.read = register(READ)
         self.sweep_expired = register(SWEEP_EXPIRED)
         self.claim_ended = register(CLAIM_ENDED)
@@ -235,6 +239,25 @@ def _snapshot(reply: list[bytes]) -> _Snapshot:
         for i in range(0, 4 * int(count), 4)
     ]
     return _Snapshot(events, running == b"1", int(lease_left), last_id)
+
+
+def _event_args(events: Sequence[LogEntry]) -> list[str | int | bytes]:
+    """The (seq, turn, payload, terminal) script arguments of each event, flattened."""
+    args: list[str | int | bytes] = []
+    for event in events:
+        args += [event.seq, event.turn_id, event.payload, "1" if event.terminal else "0"]
+    return args
+
+
+def _append_outcome(session_id: str, reply: list[bytes]) -> AppendOutcome:
+    status = reply[0]
+    if status == b"NOT_FOUND":
+        return session_not_found(session_id)
+    if status == b"EMPTY":
+        return no_events_error(int(reply[1]))
+    if status == b"GAP":
+        return gap_error(int(reply[1]), int(reply[2]))
+    return int(reply[1])
 
 
 def _claimed_ends(reply: list[bytes]) -> list[_ClaimedEnd]:
@@ -388,24 +411,32 @@ class RedisSessionStore:
     @_redis_call
     async def append_events(self, session_id: str, events: Sequence[LogEntry]) -> int:
         self._require_session_id(session_id)
-        args: list[str | int | bytes] = [
-            session_id,
-            self._ttl_ms,
-            EXPIRY_GRACE_MS,
-            self._lease_ms,
-            self._log_max_events,
-        ]
-        for event in events:
-            args += [event.seq, event.turn_id, event.payload, "1" if event.terminal else "0"]
+        args = [session_id, self._ttl_ms, EXPIRY_GRACE_MS, self._lease_ms, self._log_max_events, *_event_args(events)]
         reply = await self._scripts.append(keys=self._keys.of_session(session_id), args=args)
-        status = reply[0]
-        if status == b"NOT_FOUND":
-            raise session_not_found(session_id)
-        if status == b"EMPTY":
-            raise no_events_error(int(reply[1]))
-        if status == b"GAP":
-            raise gap_error(int(reply[1]), int(reply[2]))
-        return int(reply[1])
+        outcome = _append_outcome(session_id, reply)
+        if isinstance(outcome, DuplexError):
+            raise outcome
+        return outcome
+
+    @_redis_call
+    async def append_event_batches(self, batches: Sequence[EventBatch]) -> list[AppendOutcome]:
+        # An id this store never hands out names no session: refused without asking Redis.
+        known = [SESSION_ID.fullmatch(batch.session_id) is not None for batch in batches]
+        to_send = [batch for batch, ok in zip(batches, known, strict=True) if ok]
+        replies = iter(await self._append_batches(to_send) if to_send else [])
+        return [
+            _append_outcome(batch.session_id, next(replies)) if ok else session_not_found(batch.session_id)
+            for batch, ok in zip(batches, known, strict=True)
+        ]
+
+    async def _append_batches(self, batches: Sequence[EventBatch]) -> list[list[bytes]]:
+        """One script for every batch: one round trip however many sessions (its keys span them all)."""
+        keys: list[str] = []
+        args: list[str | int | bytes] = [self._ttl_ms, EXPIRY_GRACE_MS, self._lease_ms, self._log_max_events]
+        for batch in batches:
+            keys += self._keys.of_session(batch.session_id)
+            args += [batch.session_id, len(batch.events), *_event_args(batch.events)]
+        return await self._scripts.append_batches(keys=keys, args=args)
 
     async def read_events(
         self, user_id: str, session_id: str, after_seq: int, *, follow: bool

@@ -1,19 +1,22 @@
 """SessionServicer: duplex.session.v1.SessionService over a SessionStore, translating protos <-> store."""
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from duplex.common.errors import InvalidArgument
+from duplex.common.errors import DuplexError, InvalidArgument
 from duplex.session.v1 import session_pb2, session_pb2_grpc
 from session_service.quota import QuotaStatus
-from session_service.store import LogEntry, SessionInfo, SessionStore
+from session_service.store import AppendOutcome, EventBatch, LogEntry, SessionInfo, SessionStore
 
 # How "unlimited" reads in QuotaStatus, whose fields cannot say it otherwise: the field's largest value.
 UNLIMITED_MESSAGES = 2**32 - 1
 UNLIMITED_TOKENS = 2**64 - 1
+# AppendEventBatches takes at most this much per call (session.proto says so), which bounds one Redis script.
+MAX_APPEND_BATCHES = 1000
+MAX_APPEND_BATCH_EVENTS = 10_000
 
 
 def _require(**fields: str) -> None:
@@ -53,6 +56,24 @@ def _quota_to_proto(quota: QuotaStatus) -> session_pb2.QuotaStatus:
 
 def _entry_from_proto(event: session_pb2.LogEvent) -> LogEntry:
     return LogEntry(seq=event.seq, turn_id=event.turn_id, payload=event.payload, terminal=event.terminal)
+
+
+def _check_append_batches(batches: Sequence[session_pb2.AppendEventsRequest]) -> None:
+    """Refuse the whole request before anything is appended."""
+    if len(batches) > MAX_APPEND_BATCHES:
+        raise InvalidArgument(f"at most {MAX_APPEND_BATCHES} batches per call, got {len(batches)}")
+    events = sum(len(batch.events) for batch in batches)
+    if events > MAX_APPEND_BATCH_EVENTS:
+        raise InvalidArgument(f"at most {MAX_APPEND_BATCH_EVENTS} events per call, got {events}")
+    if not all(batch.session_id for batch in batches):
+        raise InvalidArgument("every batch needs a session_id")
+
+
+def _append_result_to_proto(outcome: AppendOutcome) -> session_pb2.AppendEventsResult:
+    if isinstance(outcome, DuplexError):
+        error = session_pb2.AppendEventsError(code=outcome.code.value[0], message=outcome.message)
+        return session_pb2.AppendEventsResult(error=error)
+    return session_pb2.AppendEventsResult(last_seq=outcome)
 
 
 def _entry_to_proto(entry: LogEntry) -> session_pb2.LogEvent:
@@ -120,6 +141,17 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         events = [_entry_from_proto(event) for event in request.events]
         last_seq = await self._store.append_events(request.session_id, events)
         return session_pb2.AppendEventsResponse(last_seq=last_seq)
+
+    async def AppendEventBatches(
+        self, request: session_pb2.AppendEventBatchesRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.AppendEventBatchesResponse:
+        _check_append_batches(request.batches)
+        batches = [
+            EventBatch(batch.session_id, [_entry_from_proto(event) for event in batch.events])
+            for batch in request.batches
+        ]
+        outcomes = await self._store.append_event_batches(batches)
+        return session_pb2.AppendEventBatchesResponse(results=[_append_result_to_proto(o) for o in outcomes])
 
     async def ReadEvents(
         self, request: session_pb2.ReadEventsRequest, context: grpc.aio.ServicerContext

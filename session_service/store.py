@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from duplex.common.errors import Aborted, FailedPrecondition, NotFound, OutOfRange
+from duplex.common.errors import Aborted, DuplexError, FailedPrecondition, NotFound, OutOfRange
 from session_service.quota import NO_LIMITS, MemoryQuotas, QuotaLimits, QuotaStatus
 from session_service.session_end import EndedSession, Housekeeper, SessionEndRecorder, retry_delay, try_record
 
@@ -38,6 +38,18 @@ class LogEntry:
     turn_id: str
     payload: bytes
     terminal: bool = False
+
+
+@dataclass(frozen=True)
+class EventBatch:
+    """Events for one session's log, one of several appended together."""
+
+    session_id: str
+    events: Sequence[LogEntry]
+
+
+# What appending one batch came to: the log's new last seq, or the error that refused the batch.
+AppendOutcome = int | DuplexError
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,10 @@ class SessionStore(Protocol):
 
     async def append_events(self, session_id: str, events: Sequence[LogEntry]) -> int:
         """Append events whose seqs continue the log; returns the new last seq."""
+
+    async def append_event_batches(self, batches: Sequence[EventBatch]) -> list[AppendOutcome]:
+        """append_events for each batch, in order, in one go; a refused batch changes nothing and does not
+        stop the others: its outcome is the error. Backend failures still raise."""
 
     def read_events(
         self, user_id: str, session_id: str, after_seq: int, *, follow: bool
@@ -375,6 +391,18 @@ class MemorySessionStore:
     # -- the event log
 
     async def append_events(self, session_id: str, events: Sequence[LogEntry]) -> int:
+        return self._append(session_id, events)
+
+    async def append_event_batches(self, batches: Sequence[EventBatch]) -> list[AppendOutcome]:
+        outcomes: list[AppendOutcome] = []
+        for batch in batches:
+            try:
+                outcomes.append(self._append(batch.session_id, batch.events))
+            except DuplexError as error:
+                outcomes.append(error)
+        return outcomes
+
+    def _append(self, session_id: str, events: Sequence[LogEntry]) -> int:
         session = self._live(session_id)
         if session is None:
             raise session_not_found(session_id)

@@ -28,6 +28,15 @@ async def append(stub, session_id: str, seqs, turn_id: str = "t1") -> int:
     return (await stub.AppendEvents(request, timeout=CALL_TIMEOUT)).last_seq
 
 
+def batch(session_id: str, seqs, turn_id: str = "t1") -> session_pb2.AppendEventsRequest:
+    return session_pb2.AppendEventsRequest(session_id=session_id, events=[log_event(s, turn_id) for s in seqs])
+
+
+async def append_batches(stub, *batches: session_pb2.AppendEventsRequest) -> list[session_pb2.AppendEventsResult]:
+    request = session_pb2.AppendEventBatchesRequest(batches=batches)
+    return list((await stub.AppendEventBatches(request, timeout=CALL_TIMEOUT)).results)
+
+
 async def begin_turn(stub, session_id: str, turn_id: str = "t1", user_id: str = OWNER) -> int:
     request = session_pb2.BeginTurnRequest(user_id=user_id, session_id=session_id, turn_id=turn_id)
     return (await stub.BeginTurn(request, timeout=CALL_TIMEOUT)).last_seq

@@ -10,7 +10,7 @@ from duplex.common.errors import FailedPrecondition, NotFound, OutOfRange, Resou
 from session_service.quota import QuotaLimits
 from session_service.redis_store import MAX_FOLLOW_BLOCK_MS, RedisKeys, RedisSessionStore, connect, redact_url
 from session_service.session_end import HistoryRecorder
-from session_service.store import LogEntry, TurnStart
+from session_service.store import EventBatch, LogEntry, TurnStart
 from tests.redis_fixtures import free_port
 
 TTL = 60.0
@@ -177,6 +177,31 @@ async def test_a_waiting_follower_does_not_poll(redis_url, redis_key_prefix, fol
         # A blocked XREAD and, each time its bound passes, one snapshot and the next XREAD.
         assert client.commands - before <= 2 * (1000 // MAX_FOLLOW_BLOCK_MS + 1)
         assert not follower.task.done()
+    finally:
+        await store.close()
+
+
+async def test_appending_to_many_sessions_is_one_round_trip(redis_url, redis_key_prefix, make_replica):
+    client = CountingRedis.from_pool(aioredis.ConnectionPool.from_url(redis_url))
+    store = RedisSessionStore(
+        client, key_prefix=redis_key_prefix, ttl_seconds=TTL, log_max_events=10, turn_lease_seconds=30
+    )
+    other_replica = await make_replica()
+    try:
+        sessions = [await new_session(store) for _ in range(20)]
+        await store.append_event_batches([EventBatch(sessions[0], entries([1]))])  # loads the script once
+
+        before = client.commands
+        outcomes = await store.append_event_batches(
+            [EventBatch(session_id, entries([2, 3])) for session_id in sessions[:1]]
+            + [EventBatch(session_id, entries([1, 2, 3])) for session_id in sessions[1:]]
+            + [EventBatch("0" * 32, entries([1])), EventBatch("no-such-id", entries([1]))]
+        )
+        assert client.commands - before == 1
+        assert outcomes[:20] == [3] * 20
+        assert [type(outcome) for outcome in outcomes[20:]] == [NotFound, NotFound]
+        for session_id in sessions:
+            assert (await other_replica.get_session("alice", session_id)).last_seq == 3
     finally:
         await store.close()
 
