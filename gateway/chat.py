@@ -144,15 +144,18 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         if len(system_prompt) > self._settings.max_message_chars:
             raise InvalidArgument(f"system_prompt is longer than {self._settings.max_message_chars} characters")
         sessions, history = self.services.sessions, self.services.history
+        created = False
         if not session_id:
             if conversation_id:
                 await history.get_conversation(user_id, conversation_id)  # NOT_FOUND unless the user's
             else:
                 conversation_id = (await history.create_conversation(user_id)).conversation_id
+                created = True
         opened = await sessions.open(user_id, session_id, conversation_id, model, system_prompt, persona)
         s = opened.session
         context = SessionContext(
-            s.session_id, user_id, s.conversation_id, s.model, s.system_prompt, s.persona, s.active_turn_id
+            s.session_id, user_id, s.conversation_id, s.model, s.system_prompt, s.persona, s.active_turn_id,
+            new_conversation=created,
         )
         event = chat_pb2.ChatEvent(
             session_id=s.session_id,

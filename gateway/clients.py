@@ -1,11 +1,11 @@
 """Typed clients for the inner services: gRPC errors become duplex.common.errors exceptions."""
 
 import functools
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
 
-from duplex.common.errors import from_rpc_error
+from duplex.common.errors import DuplexError, Internal, from_rpc_error, from_status
 from duplex.history.v1 import history_pb2, history_pb2_grpc
 from duplex.llm.v1 import llm_pb2, llm_pb2_grpc
 from duplex.session.v1 import session_pb2, session_pb2_grpc
@@ -67,6 +67,23 @@ class SessionClient:
     async def append_events(self, session_id: str, events: Iterable[session_pb2.LogEvent]) -> None:
         request = session_pb2.AppendEventsRequest(session_id=session_id, events=events)
         await self._stub.AppendEvents(request, timeout=self._timeout)
+
+    @_translated("session service")
+    async def append_event_batches(
+        self, batches: Sequence[tuple[str, Iterable[session_pb2.LogEvent]]]
+    ) -> list[DuplexError | None]:
+        """Append to several sessions' logs in one call. Per (session_id, events) batch: None when it was
+        logged, else the error that refused it (the others are logged regardless)."""
+        request = session_pb2.AppendEventBatchesRequest(
+            batches=[session_pb2.AppendEventsRequest(session_id=sid, events=events) for sid, events in batches]
+        )
+        response = await self._stub.AppendEventBatches(request, timeout=self._timeout)
+        if len(response.results) != len(batches):
+            raise Internal(f"session service answered {len(response.results)} results for {len(batches)} batches")
+        return [
+            from_status(result.error.code, result.error.message) if result.HasField("error") else None
+            for result in response.results
+        ]
 
     async def read_events(
         self, user_id: str, session_id: str, after_seq: int, follow: bool
@@ -158,15 +175,28 @@ class LlmClient:
     def __init__(self, channel: grpc.aio.Channel):
         self._stub = llm_pb2_grpc.LlmServiceStub(channel)
 
-    async def generate(
-        self, request: llm_pb2.GenerateRequest, timeout: float
-    ) -> AsyncIterator[llm_pb2.GenerateResponse]:
-        """Stream the reply; closing the iterator (or cancelling its task) cancels the upstream call."""
-        call = self._stub.Generate(request, timeout=timeout)
+    def generate(self, request: llm_pb2.GenerateRequest, timeout: float) -> "Generation":
+        """Start the call now, so the model starts answering; read the reply by iterating the result."""
+        return Generation(self._stub.Generate(request, timeout=timeout))
+
+
+class Generation:
+    """A started Generate call. Iterate it once; an error or `cancel()` cancels the upstream request."""
+
+    def __init__(self, call):
+        self._call = call
+
+    async def __aiter__(self) -> AsyncIterator[llm_pb2.GenerateResponse]:
         try:
-            async for response in call:
+            async for response in self._call:
                 yield response
         except grpc.aio.AioRpcError as error:
             raise from_rpc_error(error, "llm service") from None
         finally:
-            call.cancel()
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def cancelled(self) -> bool:
+        return self._call.cancelled()

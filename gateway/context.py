@@ -22,6 +22,10 @@ class ConversationContext:
         self.message_count = message_count  # the conversation's count this copy reflects; -1 when unknown
 
     @classmethod
+    def empty(cls, limit: int) -> "ConversationContext":
+        return cls(limit, [], "", message_count=0)
+
+    @classmethod
     async def load(cls, history: HistoryClient, user_id: str, conversation_id: str, limit: int):
         recent: deque[history_pb2.Message] = deque(maxlen=limit)
         first_user_text = ""
@@ -40,11 +44,20 @@ class ConversationContext:
         """Add a message this replica just stored; False (and nothing added) when the copy is stale."""
         if stored.duplicate or stored.conversation_message_count != self.message_count + 1:
             return False
-        self._recent.append(stored.message)
+        self._add(stored.message)
         self.message_count = stored.conversation_message_count
-        if not self.first_user_text and stored.message.role == history_pb2.ROLE_USER:
-            self.first_user_text = stored.message.content
         return True
+
+    def with_message(self, message: history_pb2.Message) -> "ConversationContext":
+        """A copy with `message` added: what the context will be once it is stored, if nothing else is."""
+        ahead = ConversationContext(self._recent.maxlen, list(self._recent), self.first_user_text, self.message_count)
+        ahead._add(message)
+        return ahead
+
+    def _add(self, message: history_pb2.Message) -> None:
+        self._recent.append(message)
+        if not self.first_user_text and message.role == history_pb2.ROLE_USER:
+            self.first_user_text = message.content
 
     def counted_at(self, stored: history_pb2.AppendMessageResponse) -> None:
         """A fresh load ending with `stored` reflects the conversation as of that append."""

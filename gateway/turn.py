@@ -25,7 +25,7 @@ from duplex.common.errors import (
 from duplex.history.v1 import history_pb2
 from duplex.llm.v1 import llm_pb2
 from gateway import personas
-from gateway.clients import HistoryClient, LlmClient, SessionClient
+from gateway.clients import Generation, HistoryClient, LlmClient, SessionClient
 from gateway.context import ConversationContext, tool_calls_json
 from gateway.hub import HubRegistry, SessionHub, error_event, is_terminal
 from gateway.recovery import end_abandoned_turn
@@ -54,6 +54,8 @@ class SessionContext:
     persona: str = ""
     # The turn running when the session was opened (on any replica); "" when none.
     running_turn_id: str = ""
+    # True when the conversation was created with the session, so it is known to be empty.
+    new_conversation: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ class Turn:
         self._announced = False
         self._finished = asyncio.Event()
         self._producer: asyncio.Task | None = None
+        # The model's answer, asked for before the user's message was stored, and the messages it was asked with.
+        self._early: tuple[list[llm_pb2.Message], Generation] | None = None
         self._cancel_requested = False
         self._model = session.model
         self._round = Round()
@@ -118,10 +122,26 @@ class Turn:
         if self._producer is not None:
             self._producer.cancel()
 
+    def ask_early(self) -> None:
+        """Start the model on the context this turn will most likely have, while the user's message is
+        being stored. `_produce` uses that answer only if the stored conversation turns out the same."""
+        if self.hub.context is None:
+            return
+        user_message = history_pb2.Message(role=history_pb2.ROLE_USER, content=self._user_text)
+        messages = self._prompt(self.hub.context.with_message(user_message))
+        request = self._request(messages, allow_tools=self._settings.max_tool_rounds > 0)
+        self._early = (messages, self._services.llm.generate(request, timeout=self._remaining()))
+
+    def drop_early(self) -> None:
+        if self._early is not None:
+            self._early[1].cancel()
+            self._early = None
+
     async def run(self) -> None:
         try:
             await self._answer()
         finally:
+            self.drop_early()
             try:
                 await self._log_and_end()
             finally:
@@ -150,14 +170,8 @@ class Turn:
 
     async def _produce(self) -> int:
         """Call the model, running the tools it asks for, until it answers (bounded rounds)."""
-        context = await self._context()
-        system_prompt = personas.system_prompt(
-            self.session.persona, self.session.system_prompt, self._settings.default_system_prompt,
-            context.first_user_text,
-        )
-        history = context.messages
-        messages = [llm_pb2.Message(role=llm_pb2.ROLE_SYSTEM, content=system_prompt), *history]
-        self._first_turn = len(history) == 1  # only this turn's own message
+        messages = self._prompt(await self._context())
+        self._first_turn = len(messages) == 2  # the system prompt and this turn's own message
         for round_number in range(self._settings.max_tool_rounds + 1):
             allow_tools = round_number < self._settings.max_tool_rounds
             await self._generate(messages, allow_tools)
@@ -166,6 +180,26 @@ class Turn:
             messages += await self._run_tools(round_number)
             self._close_round()
         raise Internal("the model kept asking for tools")
+
+    def _prompt(self, context: ConversationContext) -> list[llm_pb2.Message]:
+        system_prompt = personas.system_prompt(
+            self.session.persona, self.session.system_prompt, self._settings.default_system_prompt,
+            context.first_user_text,
+        )
+        return [llm_pb2.Message(role=llm_pb2.ROLE_SYSTEM, content=system_prompt), *context.messages]
+
+    def _request(self, messages: list[llm_pb2.Message], allow_tools: bool) -> llm_pb2.GenerateRequest:
+        tools = self._services.tools.definitions() if allow_tools else []
+        return llm_pb2.GenerateRequest(model=self.session.model, messages=messages, tools=tools)
+
+    def _answer_to(self, messages: list[llm_pb2.Message], allow_tools: bool) -> Generation:
+        """The early answer when it was asked with these very messages; else a new call."""
+        early, self._early = self._early, None
+        if early is not None and early[0] == messages:
+            return early[1]
+        if early is not None:
+            early[1].cancel()
+        return self._services.llm.generate(self._request(messages, allow_tools), timeout=self._remaining())
 
     async def _context(self) -> ConversationContext:
         """The conversation up to this turn's message: the hub's copy when it is current, else read back."""
@@ -180,10 +214,8 @@ class Turn:
         return context
 
     async def _generate(self, messages: list[llm_pb2.Message], allow_tools: bool) -> None:
-        tools = self._services.tools.definitions() if allow_tools else []
-        request = llm_pb2.GenerateRequest(model=self.session.model, messages=messages, tools=tools)
         calls: list[llm_pb2.ToolCall] = []
-        async for response in self._services.llm.generate(request, timeout=self._remaining()):
+        async for response in self._answer_to(messages, allow_tools):
             kind = response.WhichOneof("kind")
             if kind == "started":
                 self._on_started(response.started)
@@ -421,11 +453,14 @@ class TurnManager:
             raise FailedPrecondition("a turn is already running in this session; cancel it or wait")
         turn = Turn(hub, session, message, self._services, self._settings)
         hub.turn = turn  # reserved before the first await, so concurrent messages are refused
+        if hub.context is None and session.new_conversation:
+            hub.context = ConversationContext.empty(self._settings.context_messages)
         started = False
         try:
             begun = await self._services.sessions.begin_turn(
                 session.user_id, session.session_id, turn.id, self.owner
             )
+            turn.ask_early()
             try:
                 stored = await self._services.history.append_message(self._user_message(session, message))
             except BaseException:
@@ -439,6 +474,7 @@ class TurnManager:
             started = True
         finally:
             if not started:
+                turn.drop_early()
                 hub.turn = None
                 hub.wake()
         hub.restart_at(begun.last_seq)

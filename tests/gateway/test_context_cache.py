@@ -5,6 +5,7 @@ from chat_helpers import ChatStream, text_of
 
 from duplex.history.v1 import history_pb2
 from gateway import turn as turn_module
+from gateway.clients import LlmClient
 from gateway.context import ConversationContext
 
 
@@ -34,7 +35,7 @@ def test_a_fresh_load_knows_its_count_only_when_it_ends_with_the_turns_own_messa
     assert context.message_count == 5
 
 
-async def test_later_turns_of_a_session_do_not_read_the_conversation_back(system, monkeypatch):
+async def test_turns_read_the_conversation_back_only_when_the_session_starts_on_an_existing_one(system, monkeypatch):
     loads = []
     original = ConversationContext.load
 
@@ -44,12 +45,42 @@ async def test_later_turns_of_a_session_do_not_read_the_conversation_back(system
 
     monkeypatch.setattr(turn_module.ConversationContext, "load", counting_load)
     chat = ChatStream(system.chat)
-    await chat.open()
+    opened = await chat.open()
     for number in range(3):
         await chat.say(f"message {number}")
         answer = text_of(await chat.until_turn_ends())
-    assert len(loads) == 1
+    assert loads == []  # a new conversation is known to be empty
     assert "You have sent 3 messages" in answer
+
+    later = ChatStream(system.chat)
+    await later.open(conversation_id=opened.session_opened.conversation_id)
+    for number in range(2):
+        await later.say(f"later message {number}")
+        answer = text_of(await later.until_turn_ends())
+    assert len(loads) == 1
+    assert "You have sent 5 messages" in answer
+
+
+async def test_the_model_is_asked_once_per_turn_and_an_early_ask_for_a_duplicate_is_cancelled(system, monkeypatch):
+    generations = []
+    original = LlmClient.generate
+
+    def recording_generate(self, request, timeout):
+        generations.append(original(self, request, timeout))
+        return generations[-1]
+
+    monkeypatch.setattr(LlmClient, "generate", recording_generate)
+    chat = ChatStream(system.chat)
+    await chat.open()
+    await chat.say("hello", client_message_id="same")
+    await chat.until_turn_ends()
+    assert len(generations) == 1
+
+    await chat.say("hello", client_message_id="same")  # a resend: acknowledged, not answered again
+    accepted = await chat.until("message_accepted")
+    assert accepted[-1].message_accepted.duplicate
+    assert len(generations) == 2  # asked before the store said "duplicate"...
+    assert generations[-1].cancelled()  # ...and called off before the duplicate was acknowledged
 
 
 async def test_a_message_stored_by_another_session_is_in_the_next_turns_context(system):
