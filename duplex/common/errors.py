@@ -79,6 +79,7 @@ class Internal(DuplexError):
 
 
 _BY_CODE = {cls.code: cls for cls in DuplexError.__subclasses__()}
+_BY_NUMBER = {code.value[0]: cls for code, cls in _BY_CODE.items()}
 GENERIC_INTERNAL_MESSAGE = "internal error"
 # Trailing metadata that carries a retry-after hint between services (milliseconds).
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -102,6 +103,13 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> DuplexError:
     if error.code() == grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"{service} is unavailable", retry_after=_retry_after(error))
     return cls(error.details() or f"{service} answered {error.code().name}", retry_after=_retry_after(error))
+
+
+def from_status(code: int, message: str) -> DuplexError:
+    """The typed error for a status carried inside a response (a google.rpc.Code number and a message),
+    such as one refused part of a batch call."""
+    cls = _BY_NUMBER.get(code, Internal)
+    return cls(message)
 
 
 def to_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
