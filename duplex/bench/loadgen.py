@@ -28,7 +28,8 @@ OVERRUN_SECONDS = 30
 class Figures:
     ttft_ms: list[float] = field(default_factory=list)
     delivery_ms: list[float] = field(default_factory=list)
-    tokens: int = 0
+    tokens: int = 0  # the model's own count (a delta may carry several tokens when coalesced)
+    deltas: int = 0
     messages: int = 0
     turns: int = 0
     errors: int = 0
@@ -38,7 +39,7 @@ class Figures:
         now = time.time()
         self.messages += 1
         if kind == "delta":
-            self.tokens += 1
+            self.deltas += 1
             self.delivery_ms.append((now - event_time) * 1000)
             if first:
                 self.ttft_ms.append((now - sent_at) * 1000)
@@ -73,6 +74,7 @@ async def grpc_stream(config: dict, figures: Figures, stop_at: float, offset: fl
                 figures.on_event(kind, event.time.ToNanoseconds() / 1e9, sent_at, first and kind == "delta")
                 first = first and kind != "delta"
                 if kind in TERMINAL and event.turn_id:
+                    figures.tokens += event.turn_completed.usage.completion_tokens
                     return
 
         await run_schedule(turn, config, figures, stop_at, offset)
@@ -100,6 +102,7 @@ async def websocket_stream(config: dict, figures: Figures, stop_at: float, offse
                 figures.on_event(kind, _rfc3339(event["time"]), sent_at, first and kind == "delta")
                 first = first and kind != "delta"
                 if kind in TERMINAL_JSON and event.get("turnId"):
+                    figures.tokens += event.get("turnCompleted", {}).get("usage", {}).get("completionTokens", 0)
                     return
 
         await run_schedule(turn, config, figures, stop_at, offset)
@@ -136,6 +139,7 @@ async def grpc_web_stream(config: dict, figures: Figures, stop_at: float, offset
                         event = chat_pb2.SendMessageResponse.FromString(payload).event
                         kind = event.WhichOneof("kind")
                         session_id = session_id or event.session_opened.session_id
+                        figures.tokens += event.turn_completed.usage.completion_tokens
                         figures.on_event(kind, event.time.ToNanoseconds() / 1e9, sent_at, first and kind == "delta")
                         first = first and kind != "delta"
 
@@ -162,6 +166,7 @@ async def llm_direct_stream(config: dict, figures: Figures, stop_at: float, offs
                     first = False
                 else:
                     figures.messages += 1
+                    figures.tokens += response.finished.completion_tokens
             history.append(llm_pb2.Message(role=llm_pb2.ROLE_ASSISTANT, content=reply))
 
         await run_schedule(turn, config, figures, stop_at, offset)

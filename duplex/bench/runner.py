@@ -108,17 +108,19 @@ async def measure(system: System, transport: str, streams: int, config: BenchCon
     before = {name: procstats.sample(pid) for name, pid in system.pids().items()}
     raw = await run_loadgen(load)
     after = {name: procstats.sample(pid) for name, pid in system.pids().items()}
-    messages = max(raw["messages"], 1)
-    cpu_us = {name: (after[name].cpu_seconds - before[name].cpu_seconds) * 1e6 / messages for name in before}
-    cpu_us["loadgen"] = raw["cpu_seconds"] * 1e6 / messages
+    cpu_seconds = {name: after[name].cpu_seconds - before[name].cpu_seconds for name in before}
+    cpu_seconds["loadgen"] = raw["cpu_seconds"]
+    messages, tokens = max(raw["messages"], 1), max(raw["tokens"], 1)
     result = {
         "label": label, "transport": transport, "streams": streams,
         "ttft_p50_ms": percentile(raw["ttft_ms"], 0.5), "ttft_p99_ms": percentile(raw["ttft_ms"], 0.99),
         "delivery_p50_ms": percentile(raw["delivery_ms"], 0.5),
         "delivery_p99_ms": percentile(raw["delivery_ms"], 0.99),
         "tokens_per_second": raw["tokens"] / max(raw["elapsed_seconds"], 1e-9),
+        "tokens_per_delta": raw["tokens"] / max(raw["deltas"], 1),
         "turns": raw["turns"], "errors": raw["errors"], "late_sends": raw["late_sends"],
-        "cpu_us_per_message": cpu_us,
+        "cpu_us_per_message": {name: seconds * 1e6 / messages for name, seconds in cpu_seconds.items()},
+        "cpu_us_per_token": {name: seconds * 1e6 / tokens for name, seconds in cpu_seconds.items()},
         "rss_mib": {name: s.rss_bytes / 2**20 for name, s in after.items()} | {"loadgen": raw["rss_bytes"] / 2**20},
     }
     print(format_row(result), flush=True)
@@ -170,7 +172,8 @@ def format_row(r: dict) -> str:
     cpu = " ".join(f"{name.split('_')[0][:4]}={us:.0f}" for name, us in r["cpu_us_per_message"].items())
     return (f"  {r['label']:<22} {r['transport']:<8} N={r['streams']:<5} ttft p50/p99 {r['ttft_p50_ms']:6.1f}/"
             f"{r['ttft_p99_ms']:6.1f} ms  delivery p50/p99 {r['delivery_p50_ms']:6.1f}/{r['delivery_p99_ms']:6.1f} ms"
-            f"  {r['tokens_per_second']:7.0f} tok/s  errors {r['errors']}  cpu us/msg {cpu}")
+            f"  {r['tokens_per_second']:7.0f} tok/s ({r['tokens_per_delta']:.1f}/delta)  errors {r['errors']}"
+            f"  cpu us/msg {cpu}")
 
 
 async def run(config: BenchConfig, data_dir: str) -> dict:

@@ -1,0 +1,34 @@
+"""`duplex bench` end to end, small: every scenario runs, and the report carries its figures."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+DUPLEX = str(Path(sys.executable).parent / "duplex")
+LABELS = ["full chain", "llm_service direct", "edge: WebSocket", "edge: grpc-web", "coalescing off"]
+
+
+def test_a_small_benchmark_runs_every_scenario_and_reports_its_figures(tmp_path):
+    output = tmp_path / "bench.json"
+    finished = subprocess.run(
+        [DUPLEX, "bench", "--streams", "2", "--duration", "2", "--compare-streams", "2", "--idle", "20",
+         "--tokens-per-second", "100", "--output", str(output)],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "knee" in finished.stdout
+    report = json.loads(output.read_text())
+
+    assert [run["label"] for run in report["runs"]] == LABELS
+    for run in report["runs"]:
+        assert "failed" not in run, run
+        assert run["errors"] == 0 and run["turns"] > 0, run
+        assert run["tokens_per_second"] > 0 and run["tokens_per_delta"] >= 1, run
+        assert 0 < run["ttft_p50_ms"] <= run["ttft_p99_ms"], run
+        assert set(run["cpu_us_per_message"]) == {
+            "gateway", "llm_service", "session_service", "history_service", "loadgen"}
+    assert report["runs"][-1]["tokens_per_delta"] == 1  # coalescing off: one token per delta
+    assert report["idle"]["idle_streams"] == 20 and "kib_per_idle_stream" in report["idle"]
+    assert report["knee_streams"] in (None, 2)
+    assert {"gateway_added_ttft_p50_ms", "gateway_cpu_WebSocket_vs_grpc"} <= set(report["ratios"])
