@@ -24,6 +24,15 @@ TERMINAL_KINDS = frozenset({"turn_completed", "turn_cancelled", "error"})
 # Followers never run more than this many events ahead of the session log, so a replica that dies can have
 # shown its clients at most this many events the log never got (see gateway.recovery).
 UNLOGGED_LIMIT = 32
+# One AppendEventBatches call carries at most this much: the session service refuses more than 1000 sessions
+# or 10000 events per call (session.proto) and gRPC more than 4 MiB; 1 MiB of payloads leaves room for the
+# framing around them. What does not fit goes in another call, or, for one hub's backlog, the next tick's.
+MAX_SESSIONS_PER_APPEND = 1000
+MAX_EVENTS_PER_APPEND = 10_000
+MAX_PAYLOAD_BYTES_PER_APPEND = 1 << 20
+
+# A hub and the events taken from it for one append.
+Batch = tuple["SessionHub", list[session_pb2.LogEvent]]
 
 
 def error_event(error: DuplexError, turn_id: str = "") -> chat_pb2.ChatEvent:
@@ -49,7 +58,9 @@ class SessionHub:
         self._sessions = sessions
         self._recent: deque[chat_pb2.ChatEvent] = deque(maxlen=capacity)
         self._unflushed: list[session_pb2.LogEvent] = []
-        self._flush_lock = asyncio.Lock()
+        # Held by whoever sends this hub's events (flush() or the registry's batch flush), from taking them
+        # until the log answered, so the log gets each event once and in order (it refuses gaps).
+        self.flush_lock = asyncio.Lock()
         self.logged_at = time.monotonic()  # when the log last heard from this hub (appends renew the lease)
         self._changed = asyncio.Event()
         self.on_dirty: Callable[[SessionHub], None] = lambda hub: None
@@ -88,20 +99,40 @@ class SessionHub:
         return bool(self._unflushed)
 
     async def flush(self) -> None:
-        async with self._flush_lock:
-            if not self._unflushed:
-                return
-            batch, self._unflushed = self._unflushed, []
-            try:
-                await self._sessions.append_events(self.session_id, batch)
-            except DuplexError:
-                self._unflushed[:0] = batch
-                raise
-            self.logged_at = time.monotonic()
-            held_back = self.last_seq - self.logged_seq > UNLOGGED_LIMIT
-            self.logged_seq = max(self.logged_seq, batch[-1].seq)
-            if held_back:
-                self.wake()  # followers held back by the limit may go on
+        """Log every event published so far before returning (turn end, reading older events)."""
+        async with self.flush_lock:
+            while self._unflushed:
+                batch = self.take_unflushed()
+                try:
+                    await self._sessions.append_events(self.session_id, batch)
+                except DuplexError:
+                    self.put_back(batch)
+                    raise
+                self.mark_logged(batch)
+
+    def take_unflushed(self) -> list[session_pb2.LogEvent]:
+        """The oldest unflushed events, at least one and no more than one append call takes. The caller
+        holds flush_lock until the log answered, then calls put_back() or mark_logged()."""
+        count = size = 0
+        for event in itertools.islice(self._unflushed, MAX_EVENTS_PER_APPEND):
+            size += len(event.payload)
+            if count and size > MAX_PAYLOAD_BYTES_PER_APPEND:
+                break
+            count += 1
+        batch, self._unflushed = self._unflushed[:count], self._unflushed[count:]
+        return batch
+
+    def put_back(self, batch: list[session_pb2.LogEvent]) -> None:
+        """The log did not take `batch`: it goes back in front of anything newer, and the flusher retries."""
+        self._unflushed[:0] = batch
+        self.on_dirty(self)
+
+    def mark_logged(self, batch: list[session_pb2.LogEvent]) -> None:
+        self.logged_at = time.monotonic()
+        held_back = self.last_seq - self.logged_seq > UNLOGGED_LIMIT
+        self.logged_seq = max(self.logged_seq, batch[-1].seq)
+        if held_back:
+            self.wake()  # followers held back by the limit may go on
 
     def _buffered_after(self, cursor: int) -> list[chat_pb2.ChatEvent] | None:
         """Events after `cursor` from memory; None when some of them are no longer in memory."""
@@ -231,11 +262,60 @@ class HubRegistry:
         hub.logged_at = time.monotonic()
 
     async def _flush_dirty(self) -> None:
+        """Log every dirty hub's events in one AppendEventBatches call (more only past one call's bounds),
+        rather than one call per session. A hub whose own flush() is sending is left to the next tick."""
         dirty, self._dirty = self._dirty, set()
-        results = await asyncio.gather(*(hub.flush() for hub in dirty), return_exceptions=True)
-        for hub, result in zip(dirty, results, strict=True):
-            if isinstance(result, Exception):
-                log.warning("session %s: logging events failed (%s); will retry", hub.session_id, result)
-                self._dirty.add(hub)
+        async with contextlib.AsyncExitStack() as sending:
+            batches: list[Batch] = []
+            for hub in dirty:
+                if hub.flush_lock.locked():
+                    self._dirty.add(hub)
+                    continue
+                await sending.enter_async_context(hub.flush_lock)
+                if hub.has_unflushed:
+                    batches.append((hub, hub.take_unflushed()))
+            await asyncio.gather(*(self._append(call) for call in _pack(batches)))
+        for hub in dirty:
+            if hub.has_unflushed:
+                self._dirty.add(hub)  # refused, or a backlog longer than one call takes
             else:
                 self._forget_if_unused(hub)  # it may have been released while its events were retried
+
+    async def _append(self, call: list[Batch]) -> None:
+        try:
+            errors = await self._sessions.append_event_batches([(hub.session_id, batch) for hub, batch in call])
+        except Exception as error:  # the whole call failed: every batch is retried
+            log.warning("logging events of %d session(s) failed (%s); will retry", len(call), error,
+                        exc_info=not isinstance(error, DuplexError))
+            for hub, batch in call:
+                hub.put_back(batch)
+            return
+        for (hub, batch), error in zip(call, errors, strict=True):
+            if error is None:
+                hub.mark_logged(batch)
+            else:
+                log.warning("session %s: logging events failed (%s); will retry", hub.session_id, error)
+                hub.put_back(batch)
+
+
+def _pack(batches: list[Batch]) -> list[list[Batch]]:
+    """The batches grouped into as few append calls as the per-call bounds allow (one, short of a backlog)."""
+    calls: list[list[Batch]] = []
+    call: list[Batch] = []
+    events = size = 0
+    for hub, batch in batches:
+        batch_size = sum(len(event.payload) for event in batch)
+        full = (
+            len(call) == MAX_SESSIONS_PER_APPEND
+            or events + len(batch) > MAX_EVENTS_PER_APPEND
+            or size + batch_size > MAX_PAYLOAD_BYTES_PER_APPEND
+        )
+        if call and full:
+            calls.append(call)
+            call, events, size = [], 0, 0
+        call.append((hub, batch))
+        events += len(batch)
+        size += batch_size
+    if call:
+        calls.append(call)
+    return calls
