@@ -123,10 +123,12 @@ class HistoryClient:
 
     @_translated("history service")
     async def list_messages(
-        self, user_id: str, conversation_id: str, page_token: str = "", page_size: int = 1000
+        self, user_id: str, conversation_id: str, page_token: str = "", page_size: int = 1000,
+        newest_first: bool = False,
     ) -> history_pb2.ListMessagesResponse:
         request = history_pb2.ListMessagesRequest(
-            user_id=user_id, conversation_id=conversation_id, page_size=page_size, page_token=page_token
+            user_id=user_id, conversation_id=conversation_id, page_size=page_size, page_token=page_token,
+            newest_first=newest_first,
         )
         return await self._stub.ListMessages(request, timeout=self._timeout)
 

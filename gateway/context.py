@@ -7,6 +7,9 @@ from duplex.history.v1 import history_pb2
 from duplex.llm.v1 import llm_pb2
 from gateway.clients import HistoryClient
 
+# How many of a conversation's first messages are searched for its first user message.
+FIRST_MESSAGES = 10
+
 
 class ConversationContext:
     """The most recent stored messages of a conversation (what the model sees) and its first user message.
@@ -27,18 +30,15 @@ class ConversationContext:
 
     @classmethod
     async def load(cls, history: HistoryClient, user_id: str, conversation_id: str, limit: int):
-        recent: deque[history_pb2.Message] = deque(maxlen=limit)
-        first_user_text = ""
-        page_token = ""
-        while True:
-            page = await history.list_messages(user_id, conversation_id, page_token)
-            if not first_user_text:
-                first_user_text = next((m.content for m in page.messages if m.role == history_pb2.ROLE_USER), "")
-            recent.extend(page.messages)
-            page_token = page.next_page_token
-            if not page_token:
-                break
-        return cls(limit, list(recent), first_user_text, message_count=-1)
+        """The last `limit` messages in one call; the first user message from the start when older."""
+        page = await history.list_messages(user_id, conversation_id, page_size=limit, newest_first=True)
+        recent = list(reversed(page.messages))
+        if page.next_page_token:  # the window does not reach back to the conversation's start
+            recent_start = await history.list_messages(user_id, conversation_id, page_size=FIRST_MESSAGES)
+            first_user_text = _first_user_text(recent_start.messages)
+        else:
+            first_user_text = _first_user_text(recent)
+        return cls(limit, recent, first_user_text, message_count=-1)
 
     def record(self, stored: history_pb2.AppendMessageResponse) -> bool:
         """Add a message this replica just stored; False (and nothing added) when the copy is stale."""
@@ -56,8 +56,7 @@ class ConversationContext:
 
     def _add(self, message: history_pb2.Message) -> None:
         self._recent.append(message)
-        if not self.first_user_text and message.role == history_pb2.ROLE_USER:
-            self.first_user_text = message.content
+        self.first_user_text = self.first_user_text or _first_user_text([message])
 
     def counted_at(self, stored: history_pb2.AppendMessageResponse) -> None:
         """A fresh load ending with `stored` reflects the conversation as of that append."""
@@ -67,6 +66,10 @@ class ConversationContext:
     @property
     def messages(self) -> list[llm_pb2.Message]:
         return _well_formed([to_llm_message(m) for m in self._recent if _visible(m)])
+
+
+def _first_user_text(messages) -> str:
+    return next((m.content for m in messages if m.role == history_pb2.ROLE_USER), "")
 
 
 def _visible(message: history_pb2.Message) -> bool:

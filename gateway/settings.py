@@ -2,7 +2,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from duplex.common.settings import ServiceSettings
@@ -31,8 +31,8 @@ class GatewaySettings(ServiceSettings):
     # Model calls per turn that may ask for tools; the call after the last one must answer in text.
     max_tool_rounds: int = 4
     tool_timeout_seconds: float = 10.0
-    # How many earlier messages of the conversation the model sees.
-    context_messages: int = 50
+    # How many earlier messages of the conversation the model sees (read back in one page of history).
+    context_messages: int = Field(50, ge=1, le=1000)
     # Events reach the session log in batches at most this often.
     event_flush_interval_seconds: float = 0.02
     # Recent events kept in memory per active session, so same-replica resumes skip the session service.

@@ -96,3 +96,47 @@ async def test_a_message_stored_by_another_session_is_in_the_next_turns_context(
 
     await first.say("three")
     assert "You have sent 3 messages" in text_of(await first.until_turn_ends())
+
+
+async def test_a_long_conversation_is_read_back_as_its_window(make_system):
+    system = await make_system(context_messages=3, tokens_per_second=0)
+    first = ChatStream(system.chat)
+    opened = await first.open()
+    for text in ("a", "b", "c"):
+        await first.say(text)
+        await first.until_turn_ends()
+
+    later = ChatStream(system.chat)  # a new session: reads the conversation back
+    await later.open(conversation_id=opened.session_opened.conversation_id)
+    await later.say("d")
+    answer = text_of(await later.until_turn_ends())
+    # The window is 3 messages ("c", its answer, "d"): the demo model sees 2 user messages, from "c".
+    assert "You have sent 2 messages" in answer and 'Your first one was: "c"' in answer
+
+
+class PagedHistory:
+    """Just enough of HistoryClient for ConversationContext.load: messages m0..m{n-1}, every third a user's."""
+
+    def __init__(self, count: int):
+        roles = [history_pb2.ROLE_USER, history_pb2.ROLE_ASSISTANT, history_pb2.ROLE_ASSISTANT]
+        self.messages = [history_pb2.Message(message_id=f"m{i}", role=roles[i % 3], content=f"text {i}")
+                         for i in range(count)]
+        self.calls = []
+
+    async def list_messages(self, user_id, conversation_id, page_token="", page_size=1000, newest_first=False):
+        self.calls.append((page_size, newest_first))
+        ordered = self.messages[::-1] if newest_first else self.messages
+        return history_pb2.ListMessagesResponse(
+            messages=ordered[:page_size], next_page_token="more" if len(ordered) > page_size else "")
+
+
+async def test_loading_reads_the_window_newest_first_and_the_first_user_message_from_the_start():
+    history = PagedHistory(count=30)
+    context = await ConversationContext.load(history, "u", "c", limit=4)
+    assert [m.content for m in context.messages] == ["text 26", "text 27", "text 28", "text 29"]
+    assert context.first_user_text == "text 0"
+    assert history.calls == [(4, True), (10, False)]
+
+    short = PagedHistory(count=3)
+    context = await ConversationContext.load(short, "u", "c", limit=4)
+    assert context.first_user_text == "text 0" and short.calls == [(4, True)]  # one call when it all fits
