@@ -16,8 +16,9 @@ def create_database_engine(url: str, *, poolclass: type[Pool] | None = None) -> 
     options = {"poolclass": poolclass} if poolclass is not None else {"pool_pre_ping": True}
     if poolclass is None and make_url(url).get_backend_name() == "sqlite":
         # SQLite has one writer: with several pooled connections, concurrent transactions fail with
-        # "database is locked" under load. One connection queues them in-process instead.
-        options.update(pool_size=1, max_overflow=0, pool_timeout=60)
+        # "database is locked" under load. One connection queues them in-process instead. It is a file,
+        # not a server, so it never goes stale: no ping on checkout (four thread hops per transaction).
+        options.update(pool_size=1, max_overflow=0, pool_timeout=60, pool_pre_ping=False)
     engine = create_async_engine(url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _configure_sqlite_connection)
@@ -33,6 +34,9 @@ def describe_url(url: str) -> str:
 def _configure_sqlite_connection(dbapi_connection, _connection_record) -> None:
     # Per-connection settings: WAL lets readers run alongside the writer, and SQLite ignores
     # foreign keys (so ON DELETE CASCADE) unless asked on every connection.
+    # synchronous stays FULL (the default): every commit is fsynced, so an acknowledged message also
+    # survives a power loss. NORMAL would survive only a process crash, for ~80 us of CPU per commit here,
+    # a few per cent of an append.
     cursor = dbapi_connection.cursor()
     try:
         cursor.execute("PRAGMA journal_mode=WAL")

@@ -8,10 +8,10 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 
-from sqlalchemy import Insert, and_, delete, func, or_, select, update
+from sqlalchemy import Insert, Update, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from duplex.common.errors import InvalidArgument, NotFound
 from history_service.domain import (
@@ -25,9 +25,13 @@ from history_service.domain import (
     Role,
     UsageRecord,
 )
-from history_service.models import ConversationRow, MessageRow, UsageDailyRow
+from history_service.models import ConversationRow, MessageRow, UsageDailyRow, UtcDateTime
 
 Clock = Callable[[], datetime]
+
+CONVERSATIONS = ConversationRow.__table__
+MESSAGES = MessageRow.__table__
+USAGE_DAILY = UsageDailyRow.__table__
 
 
 def utc_now() -> datetime:
@@ -53,6 +57,8 @@ def dialect_name(session: AsyncSession) -> str:
 class HistoryRepository:
     def __init__(self, sessionmaker: async_sessionmaker[AsyncSession], *, clock: Clock = utc_now):
         self._sessionmaker = sessionmaker
+        # Appends skip the ORM session: they run on a plain connection, the cheapest path per turn.
+        self._engine: AsyncEngine = sessionmaker.kw["bind"]
         self._clock = clock
 
     async def create_conversation(self, user_id: str, title: str) -> Conversation:
@@ -192,31 +198,24 @@ class HistoryRepository:
         return [UsageRecord(row.day, row.model, row.prompt_tokens, row.completion_tokens, row.messages) for row in rows]
 
     async def _insert_message(self, user_id: str, conversation_id: str, new: NewMessage) -> tuple[Message, int]:
-        """The stored message and the conversation's message count including it."""
-        now = self._clock()
-        async with self._sessionmaker() as session:
+        """The stored message and the conversation's message count including it.
+
+        The hot path of every turn, so it is Core statements built once, on a plain connection: two
+        statements for a user message (three with an assistant's usage) and the commit.
+        """
+        values = _message_values(conversation_id, new, self._clock())
+        async with self._engine.begin() as connection:
             # Write to the conversation first: it checks ownership and takes the write lock (a row lock
             # on PostgreSQL, the database lock on SQLite) before anything is read, so concurrent appends
-            # queue up here instead of failing to upgrade a read transaction.
-            count = await session.scalar(
-                update(ConversationRow)
-                .where(ConversationRow.id == conversation_id, ConversationRow.user_id == user_id)
-                .values(updated_at=now, message_count=ConversationRow.message_count + 1)
-                .returning(ConversationRow.message_count)
-                .execution_options(synchronize_session=False)
-            )
-            if count is None:
-                raise _conversation_not_found()
+            # queue up here instead of failing to upgrade a read transaction. RETURNING gives the count.
+            count = await _bump_conversation(connection, user_id, conversation_id, values["created_at"])
             if new.parent_message_id is not None:
-                await _require_message_in(session, conversation_id, new.parent_message_id)
-            row = _new_message_row(conversation_id, new, now)
-            session.add(row)
-            # Flush first: a duplicate client_message_id fails here, before usage is counted.
-            await session.flush()
-            if row.role is Role.ASSISTANT:
-                await session.execute(_add_usage(dialect_name(session), user_id, row))
-            await session.commit()
-        return to_message(row), count
+                await _require_message_in(connection, conversation_id, new.parent_message_id)
+            # A duplicate client_message_id fails here, before usage is counted.
+            inserted = await connection.execute(INSERT_MESSAGE, values)
+            if new.role is Role.ASSISTANT:
+                await connection.execute(USAGE_UPSERTS[connection.dialect.name], _usage_values(user_id, values))
+        return Message(pk=inserted.inserted_primary_key[0], **values), count
 
     async def _find_by_client_message_id(
         self, user_id: str, conversation_id: str, client_message_id: str
@@ -253,52 +252,82 @@ def _require_positive(limit: int) -> None:
         raise ValueError(f"page limit must be at least 1, got {limit}")
 
 
-async def _require_message_in(session: AsyncSession, conversation_id: str, message_id: str) -> None:
-    found = await session.scalar(
-        select(func.count()).where(MessageRow.id == message_id, MessageRow.conversation_id == conversation_id)
-    )
-    if not found:
-        raise InvalidArgument("parent_message_id is not a message of this conversation")
+# The append's statements, built once: building and cache-keying a statement per call costs more CPU than
+# SQLite takes to run it. Parameters come at execution.
+BUMP_CONVERSATION: Update = (
+    update(CONVERSATIONS)
+    .where(CONVERSATIONS.c.id == bindparam("b_id"), CONVERSATIONS.c.user_id == bindparam("b_user_id"))
+    .values(updated_at=bindparam("b_now", type_=UtcDateTime()), message_count=CONVERSATIONS.c.message_count + 1)
+    .returning(CONVERSATIONS.c.message_count)
+)
+# Its columns come from the parameters; the pk comes back as lastrowid (SQLite) or through RETURNING.
+INSERT_MESSAGE: Insert = insert(MESSAGES)
+PARENT_IN_CONVERSATION = select(func.count()).where(
+    MESSAGES.c.id == bindparam("p_id"), MESSAGES.c.conversation_id == bindparam("p_conversation_id")
+)
 
 
-def _add_usage(dialect: str, user_id: str, message: MessageRow) -> Insert:
+def _usage_upsert(dialect_insert: Callable[..., Insert]) -> Insert:
     """Add an assistant message to its user's daily usage: an upsert, so concurrent turns both count."""
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(UsageDailyRow).values(
-        user_id=user_id,
-        day=message.created_at.astimezone(UTC).date(),
-        model=message.model,
-        prompt_tokens=message.prompt_tokens,
-        completion_tokens=message.completion_tokens,
-        messages=1,
-    )
+    statement = dialect_insert(USAGE_DAILY)
     return statement.on_conflict_do_update(
-        index_elements=[UsageDailyRow.user_id, UsageDailyRow.day, UsageDailyRow.model],
+        index_elements=[USAGE_DAILY.c.user_id, USAGE_DAILY.c.day, USAGE_DAILY.c.model],
         set_={
-            UsageDailyRow.prompt_tokens: UsageDailyRow.prompt_tokens + statement.excluded.prompt_tokens,
-            UsageDailyRow.completion_tokens: UsageDailyRow.completion_tokens + statement.excluded.completion_tokens,
-            UsageDailyRow.messages: UsageDailyRow.messages + statement.excluded.messages,
+            USAGE_DAILY.c.prompt_tokens: USAGE_DAILY.c.prompt_tokens + statement.excluded.prompt_tokens,
+            USAGE_DAILY.c.completion_tokens: USAGE_DAILY.c.completion_tokens + statement.excluded.completion_tokens,
+            USAGE_DAILY.c.messages: USAGE_DAILY.c.messages + statement.excluded.messages,
         },
     )
 
 
-def _new_message_row(conversation_id: str, new: NewMessage, now: datetime) -> MessageRow:
-    return MessageRow(
-        id=str(uuid.uuid4()),
-        conversation_id=conversation_id,
-        parent_message_id=new.parent_message_id,
-        role=new.role,
-        content=new.content,
-        status=new.status,
-        client_message_id=new.client_message_id,
-        model=new.model,
-        prompt_tokens=new.prompt_tokens,
-        completion_tokens=new.completion_tokens,
-        created_at=now,
-        tool_calls_json=new.tool_calls_json,
-        tool_call_id=new.tool_call_id,
-        tool_name=new.tool_name,
-    )
+USAGE_UPSERTS = {"postgresql": _usage_upsert(postgresql.insert), "sqlite": _usage_upsert(sqlite.insert)}
+
+
+async def _bump_conversation(connection: AsyncConnection, user_id: str, conversation_id: str, now: datetime) -> int:
+    """Count one more message and touch updated_at; the new count, or NotFound when not the user's."""
+    result = await connection.execute(BUMP_CONVERSATION, {"b_id": conversation_id, "b_user_id": user_id, "b_now": now})
+    count = result.scalar()
+    if count is None:
+        raise _conversation_not_found()
+    return count
+
+
+async def _require_message_in(connection: AsyncConnection, conversation_id: str, message_id: str) -> None:
+    parameters = {"p_id": message_id, "p_conversation_id": conversation_id}
+    result = await connection.execute(PARENT_IN_CONVERSATION, parameters)
+    if not result.scalar():
+        raise InvalidArgument("parent_message_id is not a message of this conversation")
+
+
+def _message_values(conversation_id: str, new: NewMessage, now: datetime) -> dict:
+    """A new message's columns, named as in the table (and as in Message)."""
+    return {
+        "id": str(uuid.uuid4()),
+        "conversation_id": conversation_id,
+        "parent_message_id": new.parent_message_id,
+        "role": new.role,
+        "content": new.content,
+        "status": new.status,
+        "client_message_id": new.client_message_id,
+        "model": new.model,
+        "prompt_tokens": new.prompt_tokens,
+        "completion_tokens": new.completion_tokens,
+        "created_at": now,
+        "tool_calls_json": new.tool_calls_json,
+        "tool_call_id": new.tool_call_id,
+        "tool_name": new.tool_name,
+    }
+
+
+def _usage_values(user_id: str, message: dict) -> dict:
+    return {
+        "user_id": user_id,
+        "day": message["created_at"].astimezone(UTC).date(),
+        "model": message["model"],
+        "prompt_tokens": message["prompt_tokens"],
+        "completion_tokens": message["completion_tokens"],
+        "messages": 1,
+    }
 
 
 def to_conversation(row: ConversationRow) -> Conversation:

@@ -114,6 +114,20 @@ async def test_parent_must_be_a_message_of_the_same_conversation(
     assert await status_of(append_message(conversation_id, parent_message_id=elsewhere)) == INVALID
 
 
+async def test_a_refused_parent_leaves_the_conversation_as_it_was(stub, conversation_id, append_message, status_of):
+    # The conversation is bumped before the parent is checked: the refusal must roll that back.
+    parent = (await append_message(conversation_id, "question")).message
+    before = await get(stub, conversation_id)
+
+    refused = append_message(conversation_id, parent_message_id="00000000-0000-0000-0000-000000000000")
+    assert await status_of(refused) == INVALID
+    assert await get(stub, conversation_id) == before
+
+    answer = await append_message(conversation_id, "answer", parent_message_id=parent.message_id)
+    assert answer.message.parent_message_id == parent.message_id
+    assert answer.conversation_message_count == 2
+
+
 async def test_nul_characters_are_refused_on_every_backend(conversation_id, append_message, status_of):
     assert await status_of(append_message(conversation_id, "a\x00b")) == INVALID
     assert await status_of(append_message(conversation_id, client_message_id="k\x00")) == INVALID
