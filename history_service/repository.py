@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 
-from sqlalchemy import Insert, Update, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Insert, Select, Update, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
@@ -159,19 +159,21 @@ class HistoryRepository:
         *,
         newest_first: bool = False,
     ) -> MessagePage:
-        """Oldest first, in insertion order; or newest first, where "after" a pk means older than it."""
+        """Oldest first, in insertion order; or newest first, where "after" a pk means older than it.
+
+        Core rows on a plain connection: a client that lost its cached context reads it back through here.
+        """
         _require_positive(limit)
-        if newest_first:
-            query = select(MessageRow).order_by(MessageRow.pk.desc()).limit(limit + 1)
-            if after_pk is not None:
-                query = query.where(MessageRow.pk < after_pk)
-        else:
-            query = select(MessageRow).order_by(MessageRow.pk).limit(limit + 1)
-            if after_pk is not None:
-                query = query.where(MessageRow.pk > after_pk)
-        async with self._sessionmaker() as session:
-            conversation = await owned_conversation(session, user_id, conversation_id)
-            rows = (await session.scalars(query.where(MessageRow.conversation_id == conversation.id))).all()
+        stored_id = canonical_id(conversation_id)
+        if stored_id is None:
+            raise _conversation_not_found()
+        query = MESSAGE_PAGES[newest_first, after_pk is not None]
+        parameters = {"m_conversation_id": stored_id, "m_after_pk": after_pk, "m_limit": limit + 1}
+        async with self._engine.connect() as connection:
+            owned = await connection.execute(OWNED_CONVERSATION, {"o_id": stored_id, "o_user_id": user_id})
+            if owned.first() is None:
+                raise _conversation_not_found()
+            rows = (await connection.execute(query, parameters)).all()
         messages = [to_message(row) for row in rows[:limit]]
         has_more = len(rows) > limit
         return MessagePage(messages, messages[-1].pk if has_more else None)
@@ -252,7 +254,7 @@ def _require_positive(limit: int) -> None:
         raise ValueError(f"page limit must be at least 1, got {limit}")
 
 
-# The append's statements, built once: building and cache-keying a statement per call costs more CPU than
+# The per-turn statements, built once: building and cache-keying a statement per call costs more CPU than
 # SQLite takes to run it. Parameters come at execution.
 BUMP_CONVERSATION: Update = (
     update(CONVERSATIONS)
@@ -265,6 +267,27 @@ INSERT_MESSAGE: Insert = insert(MESSAGES)
 PARENT_IN_CONVERSATION = select(func.count()).where(
     MESSAGES.c.id == bindparam("p_id"), MESSAGES.c.conversation_id == bindparam("p_conversation_id")
 )
+
+OWNED_CONVERSATION = select(CONVERSATIONS.c.id).where(
+    CONVERSATIONS.c.id == bindparam("o_id"), CONVERSATIONS.c.user_id == bindparam("o_user_id")
+)
+
+
+def _message_page(newest_first: bool, after_cursor: bool) -> Select:
+    """One page of a conversation's messages in pk order; with a cursor, only those past it."""
+    pk = MESSAGES.c.pk
+    query = select(MESSAGES).where(MESSAGES.c.conversation_id == bindparam("m_conversation_id"))
+    if after_cursor:
+        query = query.where(pk < bindparam("m_after_pk") if newest_first else pk > bindparam("m_after_pk"))
+    return query.order_by(pk.desc() if newest_first else pk).limit(bindparam("m_limit"))
+
+
+# By (newest_first, has a cursor).
+MESSAGE_PAGES = {
+    (newest_first, after_cursor): _message_page(newest_first, after_cursor)
+    for newest_first in (False, True)
+    for after_cursor in (False, True)
+}
 
 
 def _usage_upsert(dialect_insert: Callable[..., Insert]) -> Insert:
