@@ -19,6 +19,8 @@ MESSAGES_TAG = "m"
 # Newest-first message pages have their own tag: a cursor means "older than" there, not "newer than".
 NEWEST_MESSAGES_TAG = "mn"
 SEARCH_TAG = "s"
+# Cursors and offsets are SQL BIGINTs: a forged larger one would overflow the driver (an INTERNAL error).
+MAX_POSITION = 2**63 - 1
 
 
 def encode_conversation_token(cursor: ConversationCursor) -> str:
@@ -51,8 +53,7 @@ def decode_message_token(token: str, *, newest_first: bool = False) -> int | Non
     if not token:
         return None
     (after_pk,) = _decode(token, _message_tag(newest_first), field_count=1)
-    # bool is an int in Python; a real cursor is never one.
-    if not isinstance(after_pk, int) or isinstance(after_pk, bool) or after_pk < 0:
+    if not _is_position(after_pk):
         raise _invalid()
     return after_pk
 
@@ -70,9 +71,14 @@ def decode_search_token(token: str, query: str) -> int:
     if not token:
         return 0
     offset, fingerprint = _decode(token, SEARCH_TAG, field_count=2)
-    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0 or fingerprint != _fingerprint(query):
+    if not _is_position(offset) or fingerprint != _fingerprint(query):
         raise _invalid()
     return offset
+
+
+def _is_position(value: object) -> bool:
+    # bool is an int in Python; a real position is never one.
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_POSITION
 
 
 def _fingerprint(query: str) -> str:

@@ -216,8 +216,15 @@ def test_page_sizes_default_when_zero_and_clamp_when_too_large():
     assert page_size(1001, 100, 1000) == 1000
 
 
-# bQ is "m"; the others are ["m",-1], ["m",true] and ["m","3"].
-GARBAGE_MESSAGE_PAGE_TOKENS = ["garbage", "bQ", "WyJtIiwtMV0", "WyJtIix0cnVlXQ", "WyJtIiwiMyJd"]
+# bQ is "m"; the others are ["m",-1], ["m",true], ["m","3"] and ["m",2**63] (past any BIGINT).
+GARBAGE_MESSAGE_PAGE_TOKENS = [
+    "garbage",
+    "bQ",
+    "WyJtIiwtMV0",
+    "WyJtIix0cnVlXQ",
+    "WyJtIiwiMyJd",
+    "WyJtIiw5MjIzMzcyMDM2ODU0Nzc1ODA4XQ",
+]
 
 
 async def test_garbage_message_page_tokens_are_invalid(stub, conversation_id, status_of):
@@ -227,6 +234,15 @@ async def test_garbage_message_page_tokens_are_invalid(stub, conversation_id, st
 
     statuses = {token: await status_of(list_messages(token)) for token in GARBAGE_MESSAGE_PAGE_TOKENS}
     assert statuses == dict.fromkeys(GARBAGE_MESSAGE_PAGE_TOKENS, INVALID)
+
+
+async def test_newest_first_cursors_past_any_bigint_are_invalid(stub, conversation_id, status_of):
+    # ["mn",2**63]: the largest cursor a BIGINT pk could need is 2**63-1.
+    token = "WyJtbiIsOTIyMzM3MjAzNjg1NDc3NTgwOF0"
+    request = history_pb2.ListMessagesRequest(
+        user_id=ALICE, conversation_id=conversation_id, page_token=token, newest_first=True
+    )
+    assert await status_of(stub.ListMessages(request)) == INVALID
 
 
 async def test_a_conversation_page_token_is_invalid_for_messages(stub, create_conversation, conversation_id, status_of):

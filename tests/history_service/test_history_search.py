@@ -1,5 +1,8 @@
 """SearchMessages on both backends: ranking, isolation between users, paging, and hostile queries."""
 
+import base64
+import json
+
 import grpc
 import pytest
 
@@ -14,6 +17,13 @@ OK = grpc.StatusCode.OK
 
 async def search(stub, query: str, user_id: str = ALICE, **fields) -> history_pb2.SearchMessagesResponse:
     return await stub.SearchMessages(history_pb2.SearchMessagesRequest(user_id=user_id, query=query, **fields))
+
+
+def token_with_offset(token: str, offset: int) -> str:
+    """A forged page token: a real one with its offset replaced (tokens are base64 JSON arrays)."""
+    payload = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+    payload[1] = offset
+    return base64.urlsafe_b64encode(json.dumps(payload).encode()).decode().rstrip("=")
 
 
 async def contents(stub, query: str, user_id: str = ALICE) -> list[str]:
@@ -115,6 +125,9 @@ async def test_a_page_token_only_continues_its_own_query(stub, alice_conversatio
 
     assert await status_of(search(stub, "beta", page_size=1, page_token=token)) == INVALID
     assert await status_of(search(stub, "alpha", page_token="garbage")) == INVALID
+    # The token's own shape, with an offset past any BIGINT.
+    too_far = token_with_offset(token, 2**63)
+    assert await status_of(search(stub, "alpha", page_size=1, page_token=too_far)) == INVALID
 
 
 HOSTILE_QUERIES = [
