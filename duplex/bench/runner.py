@@ -54,10 +54,14 @@ class System:
         self.processes: list[tuple[launcher.ServiceSpec, asyncio.subprocess.Process]] = []
 
     async def __aenter__(self) -> "System":
-        for spec in launcher.SERVICES:
-            process = await launcher.start(spec, self.env)
-            self.processes.append((spec, process))
-            await launcher.wait_serving(spec, process, self.env, 60)
+        try:
+            for spec in launcher.SERVICES:
+                process = await launcher.start(spec, self.env)
+                self.processes.append((spec, process))
+                await launcher.wait_serving(spec, process, self.env, 60)
+        except BaseException:
+            await launcher.stop_all(self.processes)  # a service that failed to start leaves no others behind
+            raise
         return self
 
     async def __aexit__(self, *exc) -> None:
