@@ -33,10 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--tokens-per-second", type=float, default=50.0, help="demo model pace per stream")
     bench.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
     bench.add_argument("--ramp", type=float, default=5.0, help="seconds over which streams start")
-    bench.add_argument("--compare-streams", type=int, default=100, help="N for the side-by-side comparisons")
+    bench.add_argument("--compare-streams", type=int, default=100,
+                       help="N for the side-by-side comparisons (0 = skip them)")
     bench.add_argument("--idle", type=int, default=2000, help="idle streams held open for memory (0 = skip)")
     bench.add_argument("--soak-minutes", type=float, default=0.0, help="memory soak at the knee (0 = skip)")
-    bench.add_argument("--coalesce-ms", type=int, default=15, help="llm_service coalescing window")
+    bench.add_argument("--coalesce-ms", type=int, default=50, help="llm_service coalescing window")
     bench.add_argument("--output", default="bench-results.json", help="where the JSON report goes")
 
     args = parser.parse_args(argv)

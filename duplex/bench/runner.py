@@ -186,8 +186,8 @@ async def run(config: BenchConfig, data_dir: str) -> dict:
     async with System(f"{data_dir}/coalesced", config.tokens_per_second, config.coalesce_window_ms) as system:
         for streams in config.streams:
             report["runs"].append(await measure(system, "grpc", streams, config, "full chain"))
-        for transport, label in (("llm", "llm_service direct"), ("ws", "edge: WebSocket"),
-                                 ("grpc-web", "edge: grpc-web")):
+        compared = (("llm", "llm_service direct"), ("ws", "edge: WebSocket"), ("grpc-web", "edge: grpc-web"))
+        for transport, label in compared if config.compare_streams else ():
             try:
                 report["runs"].append(await measure(system, transport, config.compare_streams, config, label))
             except Exception as error:  # an edge that isn't there is reported, not fatal
@@ -198,8 +198,9 @@ async def run(config: BenchConfig, data_dir: str) -> dict:
         report["knee_streams"] = knee(report["runs"])
         if config.soak_minutes:
             report["soak"] = await soak(system, report["knee_streams"] or config.compare_streams, config)
-    async with System(f"{data_dir}/uncoalesced", config.tokens_per_second, 0) as system:
-        report["runs"].append(await measure(system, "grpc", config.compare_streams, config, "coalescing off"))
+    if config.compare_streams:
+        async with System(f"{data_dir}/uncoalesced", config.tokens_per_second, 0) as system:
+            report["runs"].append(await measure(system, "grpc", config.compare_streams, config, "coalescing off"))
     report["ratios"] = ratios(report["runs"], config.compare_streams)
     return report
 
