@@ -10,8 +10,10 @@ class SessionSettings(ServiceSettings):
     # Sliding TTL: a session nobody uses for this long disappears with its event log.
     session_ttl_seconds: float = 3600
     # Per-session log bound so one long session cannot eat the process; the oldest events are dropped.
+    # The log serves resumes, which need the events since a client's last seq: 1000 is ~40 answers of
+    # ~25 events (~0.5 MB per session at most), and a client further behind reloads from history.
     # (Redis trims approximately: at least this many are kept.)
-    session_log_max_events: int = 10000
+    session_log_max_events: int = 1000
     # A running turn whose owner stops appending for this long is considered dead: a new BeginTurn may
     # take it over, and followers stop waiting for it.
     turn_lease_seconds: float = 60

@@ -17,6 +17,8 @@ from duplex import launcher
 from duplex.bench import procstats
 
 PROCESS_NAMES = ("gateway", "llm_service", "session_service", "history_service")
+SOAK_SAMPLE_SECONDS = 30
+WARM_UP_SECONDS = 120
 
 
 @dataclass(frozen=True)
@@ -155,16 +157,17 @@ async def measure_idle(system: System, streams: int) -> dict:
 
 
 async def soak(system: System, streams: int, config: BenchConfig) -> dict:
-    """Memory over a long run at `streams`: RSS of every process sampled each 30 s."""
+    """Memory over a long run at `streams`: RSS of every process sampled every SOAK_SAMPLE_SECONDS."""
     samples: list[dict[str, float]] = []
     load = asyncio.create_task(measure(system, "grpc", streams, BenchConfig(
         **{**config.__dict__, "duration_seconds": config.soak_minutes * 60}), "soak"))
     while not load.done():
         samples.append({name: procstats.sample(pid).rss_bytes / 2**20 for name, pid in system.pids().items()})
-        await asyncio.wait({load}, timeout=30)
+        await asyncio.wait({load}, timeout=SOAK_SAMPLE_SECONDS)
     result = await load
-    # Compare the steady state (after the first minute of warm-up) with the end.
-    steady = samples[min(2, len(samples) - 1)]
+    # Compare the steady state with the end. The warm-up lets bounded state fill first: each session's
+    # log reaches its bound (1000 events) after ~80 s at 50 tokens/s.
+    steady = samples[min(WARM_UP_SECONDS // SOAK_SAMPLE_SECONDS, len(samples) - 1)]
     growth = {name: (samples[-1][name] - steady[name]) / steady[name] * 100 for name in steady}
     print(f"  soak {config.soak_minutes:.0f} min at {streams} streams: RSS growth after warm-up "
           + ", ".join(f"{n} {g:+.1f}%" for n, g in growth.items()), flush=True)
@@ -197,7 +200,7 @@ async def run(config: BenchConfig, data_dir: str) -> dict:
             report["idle"] = await measure_idle(system, config.idle_streams)
         report["knee_streams"] = knee(report["runs"])
         if config.soak_minutes:
-            report["soak"] = await soak(system, report["knee_streams"] or config.compare_streams, config)
+            report["soak"] = await soak(system, report["knee_streams"] or min(config.streams), config)
     if config.compare_streams:
         async with System(f"{data_dir}/uncoalesced", config.tokens_per_second, 0) as system:
             report["runs"].append(await measure(system, "grpc", config.compare_streams, config, "coalescing off"))
