@@ -10,7 +10,9 @@ never compare their own clocks):
 - P log:S       stream: entry `<seq>-0` per event (fields turn, payload, terminal). Entries `<seq>-<n>`
                 with n > 0 are control entries (EndTurn, close, expiry) that only wake blocked readers;
                 readers skip them.
-- P turns:S     hash: turn id -> "begun" | "ended" (tokens counted once per turn; no restart of an ended turn)
+- P turns:S     hash: turn id -> "begun" | "ended" (tokens counted once per turn; no restart of an ended turn),
+                for only the newest MAX_REMEMBERED_TURNS turns (session_service/store.py) and the active one
+- P turnorder:S list: the turn ids of P turns:S, oldest first, so the oldest state is the one forgotten
 - P expiries    sorted set: session id scored by expires_ms; the sweepers' index
 - P ended       sorted set: session ids whose end awaits recording, scored by when to try next
 - P ended:S     hash: user, conv, created_ms, ended_ms, attempts (the record to deliver)
@@ -48,18 +50,19 @@ end
 local function keys_of(prefix, sid)
   return {
     session = prefix .. 'session:' .. sid, log = prefix .. 'log:' .. sid, turns = prefix .. 'turns:' .. sid,
-    expiries = prefix .. 'expiries', ended = prefix .. 'ended', ended_record = prefix .. 'ended:' .. sid,
+    turn_order = prefix .. 'turnorder:' .. sid, expiries = prefix .. 'expiries', ended = prefix .. 'ended',
+    ended_record = prefix .. 'ended:' .. sid,
   }
 end
 
 -- Session scripts get these declared keys first, in this order (RedisKeys.of_session); a script for
 -- several sessions gets them one session after the other, the next session's starting at KEYS[base + 1].
-local SESSION_KEY_COUNT = 6
+local SESSION_KEY_COUNT = 7
 local function declared_keys(base)
   local b = base or 0
   return {
-    session = KEYS[b + 1], log = KEYS[b + 2], turns = KEYS[b + 3], expiries = KEYS[b + 4], ended = KEYS[b + 5],
-    ended_record = KEYS[b + 6],
+    session = KEYS[b + 1], log = KEYS[b + 2], turns = KEYS[b + 3], turn_order = KEYS[b + 4], expiries = KEYS[b + 5],
+    ended = KEYS[b + 6], ended_record = KEYS[b + 7],
   }
 end
 
@@ -89,6 +92,34 @@ local function touch(k, sid, s, now, ttl_ms, grace_ms)
   redis.call('PEXPIRE', k.session, ttl_ms + grace_ms)
   redis.call('PEXPIRE', k.log, ttl_ms + grace_ms)
   redis.call('PEXPIRE', k.turns, ttl_ms + grace_ms)
+  redis.call('PEXPIRE', k.turn_order, ttl_ms + grace_ms)
+end
+
+-- Marks turn_id (the active turn) begun and forgets the oldest turn states beyond max_turns, so a session
+-- that stays active for thousands of turns keeps a bounded record. Forgetting is safe: turn ids are fresh
+-- UUIDs from the gateway, and a BeginTurn/EndTurn replayed for a turn that ended max_turns turns ago is not
+-- a realistic case. The active turn is never forgotten.
+local function remember_turn(k, turn_id, max_turns)
+  if redis.call('HSET', k.turns, turn_id, 'begun') == 1 then redis.call('RPUSH', k.turn_order, turn_id) end
+  local remembered = redis.call('HLEN', k.turns)
+  if remembered > redis.call('LLEN', k.turn_order) then
+    -- States without a place in the order (written before it existed): they are the oldest.
+    local listed = {}
+    for _, id in ipairs(redis.call('LRANGE', k.turn_order, 0, -1)) do listed[id] = true end
+    for _, id in ipairs(redis.call('HKEYS', k.turns)) do
+      if not listed[id] then redis.call('LPUSH', k.turn_order, id) end
+    end
+  end
+  -- Visits each listed id at most once, so it ends whatever the two keys hold.
+  for _ = 1, redis.call('LLEN', k.turn_order) do
+    if remembered <= max_turns then break end
+    local oldest = redis.call('LPOP', k.turn_order)
+    if oldest == turn_id then
+      redis.call('RPUSH', k.turn_order, oldest)
+    else
+      remembered = remembered - redis.call('HDEL', k.turns, oldest)
+    end
+  end
 end
 
 local function info(s, now)
@@ -109,7 +140,7 @@ local function end_session(k, sid, s, ended_ms, now, record)
     redis.call('ZADD', k.ended, now, sid)
   end
   wake_followers(k, s)
-  redis.call('DEL', k.session, k.turns)
+  redis.call('DEL', k.session, k.turns, k.turn_order)
   redis.call('PEXPIRE', k.log, CLOSED_LOG_LINGER_MS)
 end
 
@@ -177,16 +208,16 @@ return {'OK'}
 """
 
 # KEYS: session keys, messages window, tokens counter.
-# ARGV: sid, user, turn, owner, ttl_ms, grace_ms, lease_ms, messages_per_minute, tokens_per_day
+# ARGV: sid, user, turn, owner, ttl_ms, grace_ms, lease_ms, messages_per_minute, tokens_per_day, max_turns
 # Returns OK last_seq messages_remaining tokens_remaining taken_over_turn | BUSY | TURN_ENDED
 #       | TOKENS retry_ms | MESSAGES retry_ms | NOT_FOUND. A refusal changes nothing (beyond forgetting
 # messages older than the window).
 BEGIN_TURN = r"""
 local k = declared_keys()
-local window_key, tokens_key = KEYS[7], KEYS[8]
+local window_key, tokens_key = KEYS[SESSION_KEY_COUNT + 1], KEYS[SESSION_KEY_COUNT + 2]
 local sid, user, turn_id, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ttl_ms, grace_ms, lease_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local message_limit, token_limit = tonumber(ARGV[8]), tonumber(ARGV[9])
+local message_limit, token_limit, max_turns = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local now = now_ms()
 local s = owned_session(k, user, now)
 if s == nil then return {'NOT_FOUND'} end
@@ -219,7 +250,7 @@ if s.turn ~= turn_id then
   taken_over = s.turn
 end
 redis.call('HSET', k.session, 'turn', turn_id, 'owner', owner, 'lease_ms', int(now + lease_ms))
-redis.call('HSET', k.turns, turn_id, 'begun')
+remember_turn(k, turn_id, max_turns)
 touch(k, sid, s, now, ttl_ms, grace_ms)
 return {'OK', s.last_seq, remaining_or_unlimited(message_limit, sent),
         remaining_or_unlimited(token_limit, tokens_used), taken_over}

@@ -53,6 +53,7 @@ from session_service.session_end import (
 from session_service.store import (
     DEFAULT_END_RETRY_SECONDS,
     MAX_EVENTS_PER_BATCH,
+    MAX_REMEMBERED_TURNS,
     AppendOutcome,
     EventBatch,
     LogEntry,
@@ -147,6 +148,7 @@ class RedisKeys:
             f"{p}session:{session_id}",
             f"{p}log:{session_id}",
             f"{p}turns:{session_id}",
+            f"{p}turnorder:{session_id}",
             self.expiries,
             self.ended,
             f"{p}ended:{session_id}",
@@ -371,6 +373,7 @@ class RedisSessionStore:
             self._lease_ms,
             self._limits.messages_per_minute,
             self._limits.tokens_per_day,
+            MAX_REMEMBERED_TURNS,
         ]
         reply = await self._scripts.begin_turn(keys=keys, args=args)
         self._raise_if_refused(reply, session_id, turn_id)

@@ -7,6 +7,7 @@ duplex.common.errors exceptions, so every backend gives the same gRPC codes and 
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -26,6 +27,12 @@ MAX_EVENTS_PER_BATCH = 500
 MAX_SWEEP_INTERVAL_SECONDS = 30.0
 MIN_SWEEP_INTERVAL_SECONDS = 0.01
 DEFAULT_END_RETRY_SECONDS = 1.0
+# A session remembers whether a turn began or ended (so its tokens are counted once and an ended turn is not
+# restarted) for only its newest this many turns, and always for its active turn; without a bound a session
+# that stays active would grow by one entry per turn forever. Forgetting is safe: turn ids are fresh UUIDs
+# from the gateway, and a BeginTurn/EndTurn replayed for a turn that ended this many turns ago is not a
+# realistic case. Shared by every backend.
+MAX_REMEMBERED_TURNS = 100
 
 Clock = Callable[[], float]
 
@@ -219,7 +226,8 @@ class _Session:
     events: list[LogEntry] = field(default_factory=list)
     # Kept after its lease expires, until EndTurn or a takeover, but then no longer counts as running.
     turn: _Turn | None = None
-    # turn id -> _BEGUN / _ENDED, so a turn's tokens are counted once and an ended turn is not restarted.
+    # turn id -> _BEGUN / _ENDED, so a turn's tokens are counted once and an ended turn is not restarted;
+    # oldest first, at most MAX_REMEMBERED_TURNS of them (see remember_turn).
     turn_states: dict[str, str] = field(default_factory=dict)
     closed: bool = False
     changes: _ChangeSignal = field(default_factory=_ChangeSignal)
@@ -230,6 +238,15 @@ class _Session:
     def events_after(self, seq: int, limit: int) -> list[LogEntry]:
         start = seq + 1 - self.first_retained_seq()
         return self.events[start : start + limit]
+
+    def remember_turn(self, turn_id: str) -> None:
+        """Mark turn_id (the active turn) begun and forget the oldest other states beyond the bound."""
+        self.turn_states[turn_id] = _BEGUN  # an existing entry keeps its place
+        excess = len(self.turn_states) - MAX_REMEMBERED_TURNS
+        if excess > 0:
+            oldest = [other for other in itertools.islice(self.turn_states, excess + 1) if other != turn_id]
+            for other in oldest[:excess]:
+                del self.turn_states[other]
 
     def running_turn(self, now: float) -> _Turn | None:
         if self.turn is not None and now < self.turn.lease_expires_at:
@@ -353,7 +370,7 @@ class MemorySessionStore:
             quota = self._start_new_turn(session, turn_id, now)
             taken_over = session.turn.turn_id if session.turn is not None else ""
         session.turn = _Turn(turn_id, owner, lease_expires_at=now + self._turn_lease)
-        session.turn_states[turn_id] = _BEGUN
+        session.remember_turn(turn_id)
         self._touch(session)
         session.changes.notify()
         return TurnStart(session.last_seq, quota, taken_over)

@@ -10,7 +10,7 @@ from duplex.common.errors import FailedPrecondition, NotFound, OutOfRange, Resou
 from session_service.quota import QuotaLimits
 from session_service.redis_store import MAX_FOLLOW_BLOCK_MS, RedisKeys, RedisSessionStore, connect, redact_url
 from session_service.session_end import HistoryRecorder
-from session_service.store import EventBatch, LogEntry, TurnStart
+from session_service.store import MAX_REMEMBERED_TURNS, EventBatch, LogEntry, TurnStart
 from tests.redis_fixtures import free_port
 
 TTL = 60.0
@@ -297,18 +297,71 @@ async def test_session_keys_carry_the_session_ttl_and_go_with_it(make_replica, r
     session_id = await new_session(store)
     await store.begin_turn("alice", session_id, "t1")
     await store.append_events(session_id, entries([1]))
-    session_key, log_key, turns_key, expiries, _, _ = RedisKeys(redis_key_prefix).of_session(session_id)
-    for key in (session_key, log_key, turns_key):
+    session_key, log_key, turns_key, order_key, expiries, _, _ = RedisKeys(redis_key_prefix).of_session(session_id)
+    for key in (session_key, log_key, turns_key, order_key):
         # The session TTL plus the grace the sweeper needs; never without a TTL.
         assert TTL * 1000 < await redis_client.pttl(key) <= TTL * 1000 + 3_600_000
     info = await store.get_session("alice", session_id)
     assert await redis_client.zscore(expiries, session_id) == pytest.approx(info.expires_at * 1000, abs=1)
 
     await store.close_session("alice", session_id)
-    assert await redis_client.exists(session_key, turns_key) == 0
+    assert await redis_client.exists(session_key, turns_key, order_key) == 0
     assert await redis_client.zscore(expiries, session_id) is None
     # The log lingers a moment so blocked readers wake and see the session gone.
     assert 0 < await redis_client.pttl(log_key) <= 5000
+
+
+async def test_an_expired_session_takes_its_turn_keys_with_it(make_replica, redis_client, redis_key_prefix):
+    store = await make_replica(ttl_seconds=0.2)
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "t1")
+    session_key, _, turns_key, order_key, *_ = RedisKeys(redis_key_prefix).of_session(session_id)
+    assert await redis_client.exists(turns_key, order_key) == 2
+    for _ in range(100):  # the sweeper ends it
+        if not await redis_client.exists(session_key):
+            break
+        await asyncio.sleep(0.05)
+    assert await redis_client.exists(session_key, turns_key, order_key) == 0
+
+
+async def test_only_the_newest_turn_states_are_kept(make_replica, redis_client, redis_key_prefix):
+    a, b = await make_replica(), await make_replica()
+    session_id = await new_session(a)
+    turns = [f"t{i}" for i in range(MAX_REMEMBERED_TURNS + 20)]
+    for i, turn_id in enumerate(turns):
+        await (a, b)[i % 2].begin_turn("alice", session_id, turn_id)
+        await (b, a)[i % 2].end_turn(session_id, turn_id)
+    await a.begin_turn("alice", session_id, "now")
+
+    _, _, turns_key, order_key, *_ = RedisKeys(redis_key_prefix).of_session(session_id)
+    kept = [*turns[-(MAX_REMEMBERED_TURNS - 1) :], "now"]
+    assert await redis_client.hlen(turns_key) == MAX_REMEMBERED_TURNS
+    assert [turn.decode() for turn in await redis_client.lrange(order_key, 0, -1)] == kept
+    states = {turn.decode(): state for turn, state in (await redis_client.hgetall(turns_key)).items()}
+    assert states == {**{turn_id: b"ended" for turn_id in kept[:-1]}, "now": b"begun"}
+
+
+async def test_turn_states_without_an_order_are_adopted_and_the_active_one_kept(
+    make_replica, redis_client, redis_key_prefix
+):
+    """States written by a replica that predates the order (no P turnorder:S): trimmed all the same,
+    oldest first, and never the active turn."""
+    store = await make_replica(quota_limits=QuotaLimits(tokens_per_day=1000))
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "now")
+    _, _, turns_key, order_key, *_ = RedisKeys(redis_key_prefix).of_session(session_id)
+    # The active turn listed as the oldest, and 50 states not listed at all.
+    listed = ["now", *(f"old{i}" for i in range(MAX_REMEMBERED_TURNS))]
+    await redis_client.rpush(order_key, *listed[1:])
+    await redis_client.hset(turns_key, mapping={f"old{i}": "ended" for i in range(MAX_REMEMBERED_TURNS + 50)})
+
+    await store.begin_turn("alice", session_id, "now")  # a retry of the active turn
+    kept = {"now", *(f"old{i}" for i in range(1, MAX_REMEMBERED_TURNS))}
+    assert {turn.decode() for turn in await redis_client.hkeys(turns_key)} == kept
+    assert [turn.decode() for turn in await redis_client.lrange(order_key, 0, -1)] == [*listed[2:], "now"]
+    assert await redis_client.hget(turns_key, "now") == b"begun"
+    await store.end_turn(session_id, "now", tokens=30)
+    assert (await store.begin_turn("alice", session_id, "next")).quota.tokens_remaining == 970
 
 
 async def test_trimming_is_approximate_but_readers_see_exactly_the_newest_events(make_replica, redis_client):

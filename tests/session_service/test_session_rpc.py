@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from duplex.session.v1 import session_pb2
+from session_service.store import MAX_REMEMBERED_TURNS
 from tests.session_service.rpc_helpers import (
     CALL_TIMEOUT,
     OWNER,
@@ -141,6 +142,31 @@ async def test_begin_turn_conflicts_while_another_turn_runs(stub):
     await end_turn(stub, session_id, "t1")
     await end_turn(stub, session_id, "t1")  # idempotent
     assert await begin_turn(stub, session_id, "t2") == 2
+
+
+async def test_a_long_lived_session_remembers_only_its_newest_turns(start_service):
+    stub = (await start_service(quota_messages_per_minute=0, quota_tokens_per_day=1_000_000)).stub
+    session_id = (await open_session(stub)).session_id
+    ended = [f"t{i}" for i in range(MAX_REMEMBERED_TURNS + 4)]
+    for turn_id in ended:
+        await begin_turn(stub, session_id, turn_id)
+        await end_turn(stub, session_id, turn_id, tokens=1)
+    begun = await stub.BeginTurn(session_pb2.BeginTurnRequest(user_id=OWNER, session_id=session_id, turn_id="now"))
+    assert begun.quota.tokens_remaining == 1_000_000 - len(ended)
+    # Remembered: the running turn and the newest ended ones (t5 on); forgotten: t0..t4.
+
+    await end_turn(stub, session_id, ended[-1], tokens=50)  # a repeated EndTurn of a recent turn counts nothing
+    await end_turn(stub, session_id, ended[0], tokens=50)  # a forgotten turn counts nothing either
+    await end_turn(stub, session_id, "now", tokens=10)  # the running turn counts, once
+    await end_turn(stub, session_id, "now", tokens=10)
+    for recent in (ended[-1], ended[5]):
+        error = await expect_status(grpc.StatusCode.FAILED_PRECONDITION, begin_turn(stub, session_id, recent))
+        assert "already ended" in error.details()
+    await expect_status(grpc.StatusCode.FAILED_PRECONDITION, begin_turn(stub, session_id, "now"))
+
+    # The price of the bound: a turn ended that long ago could begin again (turn ids are never reused).
+    again = await stub.BeginTurn(session_pb2.BeginTurnRequest(user_id=OWNER, session_id=session_id, turn_id="t4"))
+    assert again.quota.tokens_remaining == 1_000_000 - len(ended) - 10
 
 
 async def test_end_turn_of_a_missing_session_is_not_an_error(stub):

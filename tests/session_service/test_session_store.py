@@ -6,7 +6,7 @@ import pytest
 
 from duplex.common.errors import NotFound, OutOfRange, ResourceExhausted
 from session_service.quota import DAY_SECONDS, QuotaLimits
-from session_service.store import LogEntry, MemorySessionStore
+from session_service.store import MAX_REMEMBERED_TURNS, LogEntry, MemorySessionStore
 
 TTL = 100.0
 LEASE = 10.0
@@ -148,6 +148,34 @@ async def test_followers_wake_for_every_append_without_polling(store):
     await store.end_turn(session_id, "t1")
     with pytest.raises(StopAsyncIteration):
         await asyncio.wait_for(anext(reader), 1)
+
+
+# -- turn bookkeeping
+
+
+async def test_only_the_newest_turn_states_are_kept(store):
+    session_id = await new_session(store)
+    turns = [f"t{i}" for i in range(MAX_REMEMBERED_TURNS + 20)]
+    for turn_id in turns:
+        await store.begin_turn("alice", session_id, turn_id)
+        await store.end_turn(session_id, turn_id)
+    await store.begin_turn("alice", session_id, "now")
+
+    states = store._sessions[session_id].turn_states
+    assert list(states) == [*turns[-(MAX_REMEMBERED_TURNS - 1) :], "now"]
+    assert set(states.values()) == {"ended", "begun"} and states["now"] == "begun"
+
+
+async def test_the_active_turn_state_is_never_forgotten(store):
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "now")
+    session = store._sessions[session_id]
+    # More states than the bound with the active turn the oldest: a retry of it trims the others.
+    session.turn_states.update({f"old{i}": "ended" for i in range(MAX_REMEMBERED_TURNS + 50)})
+    await store.begin_turn("alice", session_id, "now")
+    assert len(session.turn_states) == MAX_REMEMBERED_TURNS
+    assert next(iter(session.turn_states)) == "now"
+    assert "old50" not in session.turn_states and "old51" in session.turn_states  # 51 too many, oldest first
 
 
 # -- quotas, with the fake clock
