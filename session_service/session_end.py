@@ -115,9 +115,11 @@ class Housekeeper:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Cancel until it has ended: on Python 3.11 a cancel landing just as an inner wait finishes can
+            # be swallowed, and a single cancel then left stop() waiting forever (seen in the test suite).
+            while not self._task.done():
+                self._task.cancel()
+                await asyncio.wait({self._task}, timeout=1)
             self._task = None
 
     def poke(self) -> None:
@@ -127,7 +129,8 @@ class Housekeeper:
         while True:
             delay = await self._run_once()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poked.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._poked.wait()
             self._poked.clear()
 
     async def _run_once(self) -> float:

@@ -523,7 +523,8 @@ class MemorySessionStore:
     async def _wait(self, changed: asyncio.Event, *, until: float) -> None:
         timeout = max(0.0, until - self._clock())
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(changed.wait(), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: on Python 3.11 it can swallow a cancel
+                await changed.wait()
 
     async def _housekeep(self) -> float | None:
         self._sweep()

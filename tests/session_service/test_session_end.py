@@ -8,6 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from duplex.session.v1 import session_pb2
+from session_service.session_end import Housekeeper
 from tests.session_service.rpc_helpers import CALL_TIMEOUT, OWNER, get_session, open_session
 
 # Long enough for a duplicate delivery to show up if there were one.
@@ -86,3 +87,22 @@ async def test_history_being_down_does_not_stop_serving(start_service, start_his
     with pytest.raises(grpc.aio.AioRpcError):
         await get_session(service.stub, session_id)
 
+
+
+async def test_a_housekeeper_stops_even_when_a_cancel_goes_missing():
+    swallowed = []
+
+    async def work() -> float:
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            if swallowed:
+                raise
+            swallowed.append(True)  # as Python 3.11's wait_for can: the first cancel is lost
+        return 0.0
+
+    keeper = Housekeeper("test-housekeeper", work, interval=10)
+    keeper.start()
+    await asyncio.sleep(0.05)
+    await asyncio.wait_for(keeper.stop(), 5)
+    assert swallowed
