@@ -180,13 +180,15 @@ async def test_an_idle_socket_is_closed_with_4408_and_pings_keep_watch(make_syst
 
 # --- authentication ---
 
-BAD_TOKENS = {
-    "expired": token(exp=1_600_000_000),
-    "alg none": token(key=None, algorithm="none"),
-    "wrong audience": token(aud="someone-else"),
-    "wrong key": token(key="another-secret-that-is-long-enough-too"),
-    "not a jwt": "not-a-jwt",
-}
+def bad_tokens() -> dict[str, str]:
+    """Made when a test runs, not at import: a suite slower than the tokens' lifetime would expire them all."""
+    return {
+        "expired": token(exp=1_600_000_000),
+        "alg none": token(key=None, algorithm="none"),
+        "wrong audience": token(aud="someone-else"),
+        "wrong key": token(key="another-secret-that-is-long-enough-too"),
+        "not a jwt": "not-a-jwt",
+    }
 
 
 @pytest.fixture
@@ -205,7 +207,7 @@ async def test_a_token_in_the_subprotocol_header_or_the_first_frame_is_accepted(
 
 
 async def test_bad_tokens_are_refused_and_the_server_still_serves(secured, connect):
-    for case, bad in BAD_TOKENS.items():
+    for case, bad in bad_tokens().items():
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             async with connect(secured, protocols=("duplex.v1", f"bearer.{bad}")):
                 pass
