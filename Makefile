@@ -20,7 +20,7 @@ run: install
 node-tools: $(BUF)
 
 $(BUF): package.json package-lock.json
-	npm install --no-audit --no-fund --loglevel=error
+	npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 proto: install

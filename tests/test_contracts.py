@@ -25,7 +25,12 @@ def test_chat_service_has_the_fixed_public_methods():
         "CancelTurn": (False, False),
         "ResumeStream": (False, True),
         "CloseSession": (False, False),
+        "SendAudio": (False, False),
+        "UpdateSession": (False, False),
     }
     kinds = {f.name for f in chat_pb2.ChatEvent.DESCRIPTOR.oneofs_by_name["kind"].fields}
     assert {"session_opened", "message_accepted", "turn_started", "delta", "tool_call", "tool_result",
-            "turn_completed", "turn_cancelled", "error", "pong"} <= kinds
+            "turn_completed", "turn_cancelled", "error", "pong", "speech_started", "speech_stopped", "transcript",
+            "audio", "session_updated"} <= kinds
+    requests = {f.name for f in chat_pb2.ChatRequest.DESCRIPTOR.oneofs_by_name["kind"].fields}
+    assert requests == {"open", "message", "cancel", "ping", "audio", "commit", "interrupt", "update_session"}

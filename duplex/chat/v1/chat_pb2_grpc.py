@@ -62,6 +62,16 @@ class ChatServiceStub:
                 request_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionResponse.FromString,
                 _registered_method=True)
+        self.SendAudio = channel.unary_unary(
+                '/duplex.chat.v1.ChatService/SendAudio',
+                request_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.SendAudioRequest.SerializeToString,
+                response_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.SendAudioResponse.FromString,
+                _registered_method=True)
+        self.UpdateSession = channel.unary_unary(
+                '/duplex.chat.v1.ChatService/UpdateSession',
+                request_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.UpdateSessionRequest.SerializeToString,
+                response_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.UpdateSessionResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -109,6 +119,22 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendAudio(self, request, context):
+        """SendAudio adds audio to the session's current utterance, for callers that cannot stream requests
+        (grpc-web); with commit it ends the utterance, whose final transcript becomes a user message and starts
+        a turn. The events (transcript, turn, answer audio) are read with ResumeStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSession(self, request, context):
+        """UpdateSession changes a session's settings (its voice options) for the turns that follow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +162,16 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionRequest.FromString,
                     response_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'SendAudio': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendAudio,
+                    request_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.SendAudioRequest.FromString,
+                    response_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.SendAudioResponse.SerializeToString,
+            ),
+            'UpdateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSession,
+                    request_deserializer=duplex_dot_chat_dot_v1_dot_chat__pb2.UpdateSessionRequest.FromString,
+                    response_serializer=duplex_dot_chat_dot_v1_dot_chat__pb2.UpdateSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -276,6 +312,60 @@ class ChatService:
             '/duplex.chat.v1.ChatService/CloseSession',
             duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionRequest.SerializeToString,
             duplex_dot_chat_dot_v1_dot_chat__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendAudio(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.chat.v1.ChatService/SendAudio',
+            duplex_dot_chat_dot_v1_dot_chat__pb2.SendAudioRequest.SerializeToString,
+            duplex_dot_chat_dot_v1_dot_chat__pb2.SendAudioResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.chat.v1.ChatService/UpdateSession',
+            duplex_dot_chat_dot_v1_dot_chat__pb2.UpdateSessionRequest.SerializeToString,
+            duplex_dot_chat_dot_v1_dot_chat__pb2.UpdateSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -25,17 +25,21 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uplex/llm/v1/llm.proto\x12\rduplex.llm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x01\n\x07Message\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.duplex.llm.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.duplex.llm.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"S\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"\x8c\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.duplex.llm.v1.Message\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12,\n\x05tools\x18\x04 \x03(\x0b\x32\x1d.duplex.llm.v1.ToolDefinition\"\xdb\x01\n\x10GenerateResponse\x12\x31\n\x07started\x18\x01 \x01(\x0b\x32\x1e.duplex.llm.v1.GenerateStartedH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.duplex.llm.v1.TextChunkH\x00\x12\x33\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1f.duplex.llm.v1.GenerateFinishedH\x00\x12,\n\ttool_call\x18\x04 \x01(\x0b\x32\x17.duplex.llm.v1.ToolCallH\x00\x42\x06\n\x04kind\"7\n\x0fGenerateStarted\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"_\n\tTextChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12/\n\x0bproduced_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\x10GenerateFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.duplex.llm.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"U\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.duplex.llm.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\"u\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x16\n\x0esupports_tools\x18\x04 \x01(\x08\x12\x1b\n\x13supports_embeddings\x18\x05 \x01(\x08\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"c\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.duplex.llm.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04\x32\xf2\x01\n\nLlmService\x12M\n\x08Generate\x12\x1e.duplex.llm.v1.GenerateRequest\x1a\x1f.duplex.llm.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .duplex.llm.v1.ListModelsRequest\x1a!.duplex.llm.v1.ListModelsResponse\x12\x42\n\x05\x45mbed\x12\x1b.duplex.llm.v1.EmbedRequest\x1a\x1c.duplex.llm.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x64uplex/llm/v1/llm.proto\x12\rduplex.llm.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x01\n\x07Message\x12!\n\x04role\x18\x01 \x01(\x0e\x32\x13.duplex.llm.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12+\n\ntool_calls\x18\x03 \x03(\x0b\x32\x17.duplex.llm.v1.ToolCall\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x0c\n\x04name\x18\x05 \x01(\t\"<\n\x08ToolCall\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\"S\n\x0eToolDefinition\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1e\n\x16parameters_json_schema\x18\x03 \x01(\t\"\x8c\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x08messages\x18\x02 \x03(\x0b\x32\x16.duplex.llm.v1.Message\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12,\n\x05tools\x18\x04 \x03(\x0b\x32\x1d.duplex.llm.v1.ToolDefinition\"\xdb\x01\n\x10GenerateResponse\x12\x31\n\x07started\x18\x01 \x01(\x0b\x32\x1e.duplex.llm.v1.GenerateStartedH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.duplex.llm.v1.TextChunkH\x00\x12\x33\n\x08\x66inished\x18\x03 \x01(\x0b\x32\x1f.duplex.llm.v1.GenerateFinishedH\x00\x12,\n\ttool_call\x18\x04 \x01(\x0b\x32\x17.duplex.llm.v1.ToolCallH\x00\x42\x06\n\x04kind\"7\n\x0fGenerateStarted\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\"_\n\tTextChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x13\n\x0btoken_count\x18\x02 \x01(\r\x12/\n\x0bproduced_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\x10GenerateFinished\x12\x32\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x1b.duplex.llm.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x02 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\r\"\x13\n\x11ListModelsRequest\"\x98\x01\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.duplex.llm.v1.ModelInfo\x12\x15\n\rdefault_model\x18\x02 \x01(\t\x12#\n\x1b\x64\x65\x66\x61ult_transcription_model\x18\x03 \x01(\t\x12\x1c\n\x14\x64\x65\x66\x61ult_speech_model\x18\x04 \x01(\t\"\xf8\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08provider\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x16\n\x0esupports_tools\x18\x04 \x01(\x08\x12\x1b\n\x13supports_embeddings\x18\x05 \x01(\x08\x12\x1e\n\x16supports_transcription\x18\x06 \x01(\x08\x12\x17\n\x0fsupports_speech\x18\x07 \x01(\x08\x12\x0e\n\x06voices\x18\x08 \x03(\t\x12 \n\x13supports_generation\x18\t \x01(\x08H\x00\x88\x01\x01\x42\x16\n\x14_supports_generation\"-\n\x0c\x45mbedRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\"c\n\rEmbedResponse\x12,\n\nembeddings\x18\x01 \x03(\x0b\x32\x18.duplex.llm.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rprompt_tokens\x18\x03 \x01(\r\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"U\n\x0b\x41udioFormat\x12.\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x1c.duplex.llm.v1.AudioEncoding\x12\x16\n\x0esample_rate_hz\x18\x02 \x01(\r\"\x92\x01\n\x11TranscribeRequest\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1f.duplex.llm.v1.TranscribeConfigH\x00\x12\x0f\n\x05\x61udio\x18\x02 \x01(\x0cH\x00\x12\x31\n\x06\x63ommit\x18\x03 \x01(\x0b\x32\x1f.duplex.llm.v1.TranscribeCommitH\x00\x42\x06\n\x04kind\"\xae\x01\n\x10TranscribeConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x06\x66ormat\x18\x02 \x01(\x0b\x32\x1a.duplex.llm.v1.AudioFormat\x12\x10\n\x08language\x18\x03 \x01(\t\x12\x34\n\x0eturn_detection\x18\x04 \x01(\x0e\x32\x1c.duplex.llm.v1.TurnDetection\x12\x17\n\x0finterim_results\x18\x05 \x01(\x08\"\x12\n\x10TranscribeCommit\"\xf2\x01\n\x12TranscribeResponse\x12\x33\n\x07started\x18\x01 \x01(\x0b\x32 .duplex.llm.v1.TranscribeStartedH\x00\x12\x36\n\x0espeech_started\x18\x02 \x01(\x0b\x32\x1c.duplex.llm.v1.SpeechStartedH\x00\x12\x36\n\x0espeech_stopped\x18\x03 \x01(\x0b\x32\x1c.duplex.llm.v1.SpeechStoppedH\x00\x12/\n\ntranscript\x18\x04 \x01(\x0b\x32\x19.duplex.llm.v1.TranscriptH\x00\x42\x06\n\x04kind\"\"\n\x11TranscribeStarted\x12\r\n\x05model\x18\x01 \x01(\t\"!\n\rSpeechStarted\x12\x10\n\x08\x61udio_ms\x18\x01 \x01(\r\"!\n\rSpeechStopped\x12\x10\n\x08\x61udio_ms\x18\x01 \x01(\r\"N\n\nTranscript\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x10\n\x08\x61udio_ms\x18\x03 \x01(\r\x12\x11\n\tutterance\x18\x04 \x01(\r\"^\n\x11SynthesizeRequest\x12\x31\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1f.duplex.llm.v1.SynthesizeConfigH\x00\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"\\\n\x10SynthesizeConfig\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05voice\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0b\x32\x1a.duplex.llm.v1.AudioFormat\"\xb4\x01\n\x12SynthesizeResponse\x12\x33\n\x07started\x18\x01 \x01(\x0b\x32 .duplex.llm.v1.SynthesizeStartedH\x00\x12*\n\x05\x61udio\x18\x02 \x01(\x0b\x32\x19.duplex.llm.v1.AudioChunkH\x00\x12\x35\n\x08\x66inished\x18\x03 \x01(\x0b\x32!.duplex.llm.v1.SynthesizeFinishedH\x00\x42\x06\n\x04kind\"]\n\x11SynthesizeStarted\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05voice\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0b\x32\x1a.duplex.llm.v1.AudioFormat\"U\n\nAudioChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x02 \x01(\r\x12\x12\n\ntext_start\x18\x03 \x01(\r\x12\x10\n\x08text_end\x18\x04 \x01(\r\":\n\x12SynthesizeFinished\x12\x10\n\x08\x61udio_ms\x18\x01 \x01(\r\x12\x12\n\ncharacters\x18\x02 \x01(\r*_\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03\x12\r\n\tROLE_TOOL\x10\x04*\x9f\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12 \n\x1c\x46INISH_REASON_CONTENT_FILTER\x10\x03\x12\x1c\n\x18\x46INISH_REASON_TOOL_CALLS\x10\x04*\x9c\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41UDIO_ENCODING_PCM16\x10\x01\x12\x16\n\x12\x41UDIO_ENCODING_WAV\x10\x02\x12\x1c\n\x18\x41UDIO_ENCODING_WEBM_OPUS\x10\x03\x12\x1b\n\x17\x41UDIO_ENCODING_OGG_OPUS\x10\x04*i\n\rTurnDetection\x12\x1e\n\x1aTURN_DETECTION_UNSPECIFIED\x10\x00\x12\x19\n\x15TURN_DETECTION_MANUAL\x10\x01\x12\x1d\n\x19TURN_DETECTION_SERVER_VAD\x10\x02\x32\xa0\x03\n\nLlmService\x12M\n\x08Generate\x12\x1e.duplex.llm.v1.GenerateRequest\x1a\x1f.duplex.llm.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .duplex.llm.v1.ListModelsRequest\x1a!.duplex.llm.v1.ListModelsResponse\x12\x42\n\x05\x45mbed\x12\x1b.duplex.llm.v1.EmbedRequest\x1a\x1c.duplex.llm.v1.EmbedResponse\x12U\n\nTranscribe\x12 .duplex.llm.v1.TranscribeRequest\x1a!.duplex.llm.v1.TranscribeResponse(\x01\x30\x01\x12U\n\nSynthesize\x12 .duplex.llm.v1.SynthesizeRequest\x1a!.duplex.llm.v1.SynthesizeResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'duplex.llm.v1.llm_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1412
-  _globals['_ROLE']._serialized_end=1507
-  _globals['_FINISHREASON']._serialized_start=1510
-  _globals['_FINISHREASON']._serialized_end=1669
+  _globals['_ROLE']._serialized_start=3091
+  _globals['_ROLE']._serialized_end=3186
+  _globals['_FINISHREASON']._serialized_start=3189
+  _globals['_FINISHREASON']._serialized_end=3348
+  _globals['_AUDIOENCODING']._serialized_start=3351
+  _globals['_AUDIOENCODING']._serialized_end=3507
+  _globals['_TURNDETECTION']._serialized_start=3509
+  _globals['_TURNDETECTION']._serialized_end=3614
   _globals['_MESSAGE']._serialized_start=76
   _globals['_MESSAGE']._serialized_end=218
   _globals['_TOOLCALL']._serialized_start=220
@@ -54,16 +58,46 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEFINISHED']._serialized_end=1006
   _globals['_LISTMODELSREQUEST']._serialized_start=1008
   _globals['_LISTMODELSREQUEST']._serialized_end=1027
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1029
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1114
-  _globals['_MODELINFO']._serialized_start=1116
-  _globals['_MODELINFO']._serialized_end=1233
-  _globals['_EMBEDREQUEST']._serialized_start=1235
-  _globals['_EMBEDREQUEST']._serialized_end=1280
-  _globals['_EMBEDRESPONSE']._serialized_start=1282
-  _globals['_EMBEDRESPONSE']._serialized_end=1381
-  _globals['_EMBEDDING']._serialized_start=1383
-  _globals['_EMBEDDING']._serialized_end=1410
-  _globals['_LLMSERVICE']._serialized_start=1672
-  _globals['_LLMSERVICE']._serialized_end=1914
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1030
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1182
+  _globals['_MODELINFO']._serialized_start=1185
+  _globals['_MODELINFO']._serialized_end=1433
+  _globals['_EMBEDREQUEST']._serialized_start=1435
+  _globals['_EMBEDREQUEST']._serialized_end=1480
+  _globals['_EMBEDRESPONSE']._serialized_start=1482
+  _globals['_EMBEDRESPONSE']._serialized_end=1581
+  _globals['_EMBEDDING']._serialized_start=1583
+  _globals['_EMBEDDING']._serialized_end=1610
+  _globals['_AUDIOFORMAT']._serialized_start=1612
+  _globals['_AUDIOFORMAT']._serialized_end=1697
+  _globals['_TRANSCRIBEREQUEST']._serialized_start=1700
+  _globals['_TRANSCRIBEREQUEST']._serialized_end=1846
+  _globals['_TRANSCRIBECONFIG']._serialized_start=1849
+  _globals['_TRANSCRIBECONFIG']._serialized_end=2023
+  _globals['_TRANSCRIBECOMMIT']._serialized_start=2025
+  _globals['_TRANSCRIBECOMMIT']._serialized_end=2043
+  _globals['_TRANSCRIBERESPONSE']._serialized_start=2046
+  _globals['_TRANSCRIBERESPONSE']._serialized_end=2288
+  _globals['_TRANSCRIBESTARTED']._serialized_start=2290
+  _globals['_TRANSCRIBESTARTED']._serialized_end=2324
+  _globals['_SPEECHSTARTED']._serialized_start=2326
+  _globals['_SPEECHSTARTED']._serialized_end=2359
+  _globals['_SPEECHSTOPPED']._serialized_start=2361
+  _globals['_SPEECHSTOPPED']._serialized_end=2394
+  _globals['_TRANSCRIPT']._serialized_start=2396
+  _globals['_TRANSCRIPT']._serialized_end=2474
+  _globals['_SYNTHESIZEREQUEST']._serialized_start=2476
+  _globals['_SYNTHESIZEREQUEST']._serialized_end=2570
+  _globals['_SYNTHESIZECONFIG']._serialized_start=2572
+  _globals['_SYNTHESIZECONFIG']._serialized_end=2664
+  _globals['_SYNTHESIZERESPONSE']._serialized_start=2667
+  _globals['_SYNTHESIZERESPONSE']._serialized_end=2847
+  _globals['_SYNTHESIZESTARTED']._serialized_start=2849
+  _globals['_SYNTHESIZESTARTED']._serialized_end=2942
+  _globals['_AUDIOCHUNK']._serialized_start=2944
+  _globals['_AUDIOCHUNK']._serialized_end=3029
+  _globals['_SYNTHESIZEFINISHED']._serialized_start=3031
+  _globals['_SYNTHESIZEFINISHED']._serialized_end=3089
+  _globals['_LLMSERVICE']._serialized_start=3617
+  _globals['_LLMSERVICE']._serialized_end=4033
 # @@protoc_insertion_point(module_scope)

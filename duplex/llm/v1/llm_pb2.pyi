@@ -25,6 +25,20 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_CONTENT_FILTER: _ClassVar[FinishReason]
     FINISH_REASON_TOOL_CALLS: _ClassVar[FinishReason]
+
+class AudioEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    AUDIO_ENCODING_UNSPECIFIED: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_PCM16: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_WAV: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_WEBM_OPUS: _ClassVar[AudioEncoding]
+    AUDIO_ENCODING_OGG_OPUS: _ClassVar[AudioEncoding]
+
+class TurnDetection(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TURN_DETECTION_UNSPECIFIED: _ClassVar[TurnDetection]
+    TURN_DETECTION_MANUAL: _ClassVar[TurnDetection]
+    TURN_DETECTION_SERVER_VAD: _ClassVar[TurnDetection]
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -35,6 +49,14 @@ FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_CONTENT_FILTER: FinishReason
 FINISH_REASON_TOOL_CALLS: FinishReason
+AUDIO_ENCODING_UNSPECIFIED: AudioEncoding
+AUDIO_ENCODING_PCM16: AudioEncoding
+AUDIO_ENCODING_WAV: AudioEncoding
+AUDIO_ENCODING_WEBM_OPUS: AudioEncoding
+AUDIO_ENCODING_OGG_OPUS: AudioEncoding
+TURN_DETECTION_UNSPECIFIED: TurnDetection
+TURN_DETECTION_MANUAL: TurnDetection
+TURN_DETECTION_SERVER_VAD: TurnDetection
 
 class Message(_message.Message):
     __slots__ = ("role", "content", "tool_calls", "tool_call_id", "name")
@@ -127,26 +149,38 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models", "default_model")
+    __slots__ = ("models", "default_model", "default_transcription_model", "default_speech_model")
     MODELS_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TRANSCRIPTION_MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_SPEECH_MODEL_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     default_model: str
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...
+    default_transcription_model: str
+    default_speech_model: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., default_transcription_model: _Optional[str] = ..., default_speech_model: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "provider", "description", "supports_tools", "supports_embeddings")
+    __slots__ = ("name", "provider", "description", "supports_tools", "supports_embeddings", "supports_transcription", "supports_speech", "voices", "supports_generation")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROVIDER_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_TOOLS_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_EMBEDDINGS_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_TRANSCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_SPEECH_FIELD_NUMBER: _ClassVar[int]
+    VOICES_FIELD_NUMBER: _ClassVar[int]
+    SUPPORTS_GENERATION_FIELD_NUMBER: _ClassVar[int]
     name: str
     provider: str
     description: str
     supports_tools: bool
     supports_embeddings: bool
-    def __init__(self, name: _Optional[str] = ..., provider: _Optional[str] = ..., description: _Optional[str] = ..., supports_tools: _Optional[bool] = ..., supports_embeddings: _Optional[bool] = ...) -> None: ...
+    supports_transcription: bool
+    supports_speech: bool
+    voices: _containers.RepeatedScalarFieldContainer[str]
+    supports_generation: bool
+    def __init__(self, name: _Optional[str] = ..., provider: _Optional[str] = ..., description: _Optional[str] = ..., supports_tools: _Optional[bool] = ..., supports_embeddings: _Optional[bool] = ..., supports_transcription: _Optional[bool] = ..., supports_speech: _Optional[bool] = ..., voices: _Optional[_Iterable[str]] = ..., supports_generation: _Optional[bool] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "inputs")
@@ -171,3 +205,139 @@ class Embedding(_message.Message):
     VALUES_FIELD_NUMBER: _ClassVar[int]
     values: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class AudioFormat(_message.Message):
+    __slots__ = ("encoding", "sample_rate_hz")
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    encoding: AudioEncoding
+    sample_rate_hz: int
+    def __init__(self, encoding: _Optional[_Union[AudioEncoding, str]] = ..., sample_rate_hz: _Optional[int] = ...) -> None: ...
+
+class TranscribeRequest(_message.Message):
+    __slots__ = ("config", "audio", "commit")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    config: TranscribeConfig
+    audio: bytes
+    commit: TranscribeCommit
+    def __init__(self, config: _Optional[_Union[TranscribeConfig, _Mapping]] = ..., audio: _Optional[bytes] = ..., commit: _Optional[_Union[TranscribeCommit, _Mapping]] = ...) -> None: ...
+
+class TranscribeConfig(_message.Message):
+    __slots__ = ("model", "format", "language", "turn_detection", "interim_results")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    LANGUAGE_FIELD_NUMBER: _ClassVar[int]
+    TURN_DETECTION_FIELD_NUMBER: _ClassVar[int]
+    INTERIM_RESULTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    format: AudioFormat
+    language: str
+    turn_detection: TurnDetection
+    interim_results: bool
+    def __init__(self, model: _Optional[str] = ..., format: _Optional[_Union[AudioFormat, _Mapping]] = ..., language: _Optional[str] = ..., turn_detection: _Optional[_Union[TurnDetection, str]] = ..., interim_results: _Optional[bool] = ...) -> None: ...
+
+class TranscribeCommit(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class TranscribeResponse(_message.Message):
+    __slots__ = ("started", "speech_started", "speech_stopped", "transcript")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_STARTED_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_STOPPED_FIELD_NUMBER: _ClassVar[int]
+    TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
+    started: TranscribeStarted
+    speech_started: SpeechStarted
+    speech_stopped: SpeechStopped
+    transcript: Transcript
+    def __init__(self, started: _Optional[_Union[TranscribeStarted, _Mapping]] = ..., speech_started: _Optional[_Union[SpeechStarted, _Mapping]] = ..., speech_stopped: _Optional[_Union[SpeechStopped, _Mapping]] = ..., transcript: _Optional[_Union[Transcript, _Mapping]] = ...) -> None: ...
+
+class TranscribeStarted(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class SpeechStarted(_message.Message):
+    __slots__ = ("audio_ms",)
+    AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    audio_ms: int
+    def __init__(self, audio_ms: _Optional[int] = ...) -> None: ...
+
+class SpeechStopped(_message.Message):
+    __slots__ = ("audio_ms",)
+    AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    audio_ms: int
+    def __init__(self, audio_ms: _Optional[int] = ...) -> None: ...
+
+class Transcript(_message.Message):
+    __slots__ = ("text", "final", "audio_ms", "utterance")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    final: bool
+    audio_ms: int
+    utterance: int
+    def __init__(self, text: _Optional[str] = ..., final: _Optional[bool] = ..., audio_ms: _Optional[int] = ..., utterance: _Optional[int] = ...) -> None: ...
+
+class SynthesizeRequest(_message.Message):
+    __slots__ = ("config", "text")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    config: SynthesizeConfig
+    text: str
+    def __init__(self, config: _Optional[_Union[SynthesizeConfig, _Mapping]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class SynthesizeConfig(_message.Message):
+    __slots__ = ("model", "voice", "format")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    voice: str
+    format: AudioFormat
+    def __init__(self, model: _Optional[str] = ..., voice: _Optional[str] = ..., format: _Optional[_Union[AudioFormat, _Mapping]] = ...) -> None: ...
+
+class SynthesizeResponse(_message.Message):
+    __slots__ = ("started", "audio", "finished")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    started: SynthesizeStarted
+    audio: AudioChunk
+    finished: SynthesizeFinished
+    def __init__(self, started: _Optional[_Union[SynthesizeStarted, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., finished: _Optional[_Union[SynthesizeFinished, _Mapping]] = ...) -> None: ...
+
+class SynthesizeStarted(_message.Message):
+    __slots__ = ("model", "voice", "format")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VOICE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    voice: str
+    format: AudioFormat
+    def __init__(self, model: _Optional[str] = ..., voice: _Optional[str] = ..., format: _Optional[_Union[AudioFormat, _Mapping]] = ...) -> None: ...
+
+class AudioChunk(_message.Message):
+    __slots__ = ("data", "duration_ms", "text_start", "text_end")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_START_FIELD_NUMBER: _ClassVar[int]
+    TEXT_END_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    duration_ms: int
+    text_start: int
+    text_end: int
+    def __init__(self, data: _Optional[bytes] = ..., duration_ms: _Optional[int] = ..., text_start: _Optional[int] = ..., text_end: _Optional[int] = ...) -> None: ...
+
+class SynthesizeFinished(_message.Message):
+    __slots__ = ("audio_ms", "characters")
+    AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    CHARACTERS_FIELD_NUMBER: _ClassVar[int]
+    audio_ms: int
+    characters: int
+    def __init__(self, audio_ms: _Optional[int] = ..., characters: _Optional[int] = ...) -> None: ...

@@ -50,6 +50,16 @@ class LlmServiceStub:
                 request_serializer=duplex_dot_llm_dot_v1_dot_llm__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=duplex_dot_llm_dot_v1_dot_llm__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Transcribe = channel.stream_stream(
+                '/duplex.llm.v1.LlmService/Transcribe',
+                request_serializer=duplex_dot_llm_dot_v1_dot_llm__pb2.TranscribeRequest.SerializeToString,
+                response_deserializer=duplex_dot_llm_dot_v1_dot_llm__pb2.TranscribeResponse.FromString,
+                _registered_method=True)
+        self.Synthesize = channel.stream_stream(
+                '/duplex.llm.v1.LlmService/Synthesize',
+                request_serializer=duplex_dot_llm_dot_v1_dot_llm__pb2.SynthesizeRequest.SerializeToString,
+                response_deserializer=duplex_dot_llm_dot_v1_dot_llm__pb2.SynthesizeResponse.FromString,
+                _registered_method=True)
 
 
 class LlmServiceServicer:
@@ -77,6 +87,24 @@ class LlmServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Transcribe(self, request_iterator, context):
+        """Transcribe turns speech into text: a config first, then audio (and commits); it answers with
+        speech start/stop (server VAD), interim and final transcripts, one final transcript per utterance.
+        Half-closing ends the last utterance. Cancelling the call stops the work.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Synthesize(self, request_iterator, context):
+        """Synthesize turns text into speech: a config first, then the text as it is written (pieces are
+        appended); audio starts with the first complete sentence. Half-closing ends the text; the stream
+        then ends with finished. Cancelling the call closes the provider's upstream request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LlmServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +122,16 @@ def add_LlmServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=duplex_dot_llm_dot_v1_dot_llm__pb2.EmbedRequest.FromString,
                     response_serializer=duplex_dot_llm_dot_v1_dot_llm__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Transcribe': grpc.stream_stream_rpc_method_handler(
+                    servicer.Transcribe,
+                    request_deserializer=duplex_dot_llm_dot_v1_dot_llm__pb2.TranscribeRequest.FromString,
+                    response_serializer=duplex_dot_llm_dot_v1_dot_llm__pb2.TranscribeResponse.SerializeToString,
+            ),
+            'Synthesize': grpc.stream_stream_rpc_method_handler(
+                    servicer.Synthesize,
+                    request_deserializer=duplex_dot_llm_dot_v1_dot_llm__pb2.SynthesizeRequest.FromString,
+                    response_serializer=duplex_dot_llm_dot_v1_dot_llm__pb2.SynthesizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +216,60 @@ class LlmService:
             '/duplex.llm.v1.LlmService/Embed',
             duplex_dot_llm_dot_v1_dot_llm__pb2.EmbedRequest.SerializeToString,
             duplex_dot_llm_dot_v1_dot_llm__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Transcribe(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/duplex.llm.v1.LlmService/Transcribe',
+            duplex_dot_llm_dot_v1_dot_llm__pb2.TranscribeRequest.SerializeToString,
+            duplex_dot_llm_dot_v1_dot_llm__pb2.TranscribeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Synthesize(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/duplex.llm.v1.LlmService/Synthesize',
+            duplex_dot_llm_dot_v1_dot_llm__pb2.SynthesizeRequest.SerializeToString,
+            duplex_dot_llm_dot_v1_dot_llm__pb2.SynthesizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

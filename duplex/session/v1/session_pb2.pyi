@@ -10,7 +10,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Session(_message.Message):
-    __slots__ = ("session_id", "user_id", "conversation_id", "model", "system_prompt", "created_at", "expires_at", "last_seq", "active_turn_id", "persona", "active_turn_owner")
+    __slots__ = ("session_id", "user_id", "conversation_id", "model", "system_prompt", "created_at", "expires_at", "last_seq", "active_turn_id", "persona", "active_turn_owner", "voice_options")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class Session(_message.Message):
     ACTIVE_TURN_ID_FIELD_NUMBER: _ClassVar[int]
     PERSONA_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_TURN_OWNER_FIELD_NUMBER: _ClassVar[int]
+    VOICE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     user_id: str
     conversation_id: str
@@ -33,15 +34,18 @@ class Session(_message.Message):
     active_turn_id: str
     persona: str
     active_turn_owner: str
-    def __init__(self, session_id: _Optional[str] = ..., user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., active_turn_id: _Optional[str] = ..., persona: _Optional[str] = ..., active_turn_owner: _Optional[str] = ...) -> None: ...
+    voice_options: bytes
+    def __init__(self, session_id: _Optional[str] = ..., user_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., active_turn_id: _Optional[str] = ..., persona: _Optional[str] = ..., active_turn_owner: _Optional[str] = ..., voice_options: _Optional[bytes] = ...) -> None: ...
 
 class QuotaStatus(_message.Message):
-    __slots__ = ("messages_remaining", "tokens_remaining")
+    __slots__ = ("messages_remaining", "tokens_remaining", "audio_seconds_remaining")
     MESSAGES_REMAINING_FIELD_NUMBER: _ClassVar[int]
     TOKENS_REMAINING_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_SECONDS_REMAINING_FIELD_NUMBER: _ClassVar[int]
     messages_remaining: int
     tokens_remaining: int
-    def __init__(self, messages_remaining: _Optional[int] = ..., tokens_remaining: _Optional[int] = ...) -> None: ...
+    audio_seconds_remaining: int
+    def __init__(self, messages_remaining: _Optional[int] = ..., tokens_remaining: _Optional[int] = ..., audio_seconds_remaining: _Optional[int] = ...) -> None: ...
 
 class LogEvent(_message.Message):
     __slots__ = ("seq", "turn_id", "payload", "terminal")
@@ -56,20 +60,22 @@ class LogEvent(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., turn_id: _Optional[str] = ..., payload: _Optional[bytes] = ..., terminal: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("user_id", "session_id", "conversation_id", "model", "system_prompt", "persona")
+    __slots__ = ("user_id", "session_id", "conversation_id", "model", "system_prompt", "persona", "voice_options")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     PERSONA_FIELD_NUMBER: _ClassVar[int]
+    VOICE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     session_id: str
     conversation_id: str
     model: str
     system_prompt: str
     persona: str
-    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., persona: _Optional[str] = ...) -> None: ...
+    voice_options: bytes
+    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., conversation_id: _Optional[str] = ..., model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., persona: _Optional[str] = ..., voice_options: _Optional[bytes] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
     __slots__ = ("session", "resumed")
@@ -106,16 +112,18 @@ class CloseSessionResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BeginTurnRequest(_message.Message):
-    __slots__ = ("user_id", "session_id", "turn_id", "owner")
+    __slots__ = ("user_id", "session_id", "turn_id", "owner", "uses_audio")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
+    USES_AUDIO_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     session_id: str
     turn_id: str
     owner: str
-    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., owner: _Optional[str] = ...) -> None: ...
+    uses_audio: bool
+    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., owner: _Optional[str] = ..., uses_audio: _Optional[bool] = ...) -> None: ...
 
 class BeginTurnResponse(_message.Message):
     __slots__ = ("last_seq", "quota", "taken_over_turn_id")
@@ -128,14 +136,16 @@ class BeginTurnResponse(_message.Message):
     def __init__(self, last_seq: _Optional[int] = ..., quota: _Optional[_Union[QuotaStatus, _Mapping]] = ..., taken_over_turn_id: _Optional[str] = ...) -> None: ...
 
 class EndTurnRequest(_message.Message):
-    __slots__ = ("session_id", "turn_id", "tokens")
+    __slots__ = ("session_id", "turn_id", "tokens", "audio_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     turn_id: str
     tokens: int
-    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., tokens: _Optional[int] = ...) -> None: ...
+    audio_ms: int
+    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., tokens: _Optional[int] = ..., audio_ms: _Optional[int] = ...) -> None: ...
 
 class EndTurnResponse(_message.Message):
     __slots__ = ()
@@ -200,3 +210,19 @@ class ReadEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[LogEvent]
     def __init__(self, events: _Optional[_Iterable[_Union[LogEvent, _Mapping]]] = ...) -> None: ...
+
+class UpdateSessionRequest(_message.Message):
+    __slots__ = ("user_id", "session_id", "voice_options")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VOICE_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    session_id: str
+    voice_options: bytes
+    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., voice_options: _Optional[bytes] = ...) -> None: ...
+
+class UpdateSessionResponse(_message.Message):
+    __slots__ = ("session",)
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    session: Session
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...

@@ -76,6 +76,11 @@ class SessionServiceStub:
                 request_serializer=duplex_dot_session_dot_v1_dot_session__pb2.ReadEventsRequest.SerializeToString,
                 response_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.ReadEventsResponse.FromString,
                 _registered_method=True)
+        self.UpdateSession = channel.unary_unary(
+                '/duplex.session.v1.SessionService/UpdateSession',
+                request_serializer=duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionRequest.SerializeToString,
+                response_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -141,6 +146,13 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateSession(self, request, context):
+        """UpdateSession replaces a session's settings (its voice options) for the turns that follow.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -183,6 +195,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.ReadEvents,
                     request_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.ReadEventsRequest.FromString,
                     response_serializer=duplex_dot_session_dot_v1_dot_session__pb2.ReadEventsResponse.SerializeToString,
+            ),
+            'UpdateSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSession,
+                    request_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionRequest.FromString,
+                    response_serializer=duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +420,33 @@ class SessionService:
             '/duplex.session.v1.SessionService/ReadEvents',
             duplex_dot_session_dot_v1_dot_session__pb2.ReadEventsRequest.SerializeToString,
             duplex_dot_session_dot_v1_dot_session__pb2.ReadEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.session.v1.SessionService/UpdateSession',
+            duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionRequest.SerializeToString,
+            duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionResponse.FromString,
             options,
             channel_credentials,
             insecure,
