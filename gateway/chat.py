@@ -2,8 +2,10 @@
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
 from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgument, OutOfRange, Unavailable
@@ -14,6 +16,7 @@ from gateway.hub import UNLOGGED_LIMIT, HubRegistry, SessionHub, error_event, is
 from gateway.recovery import end_abandoned_turn
 from gateway.settings import GatewaySettings
 from gateway.turn import Services, SessionContext, TurnManager
+from gateway.voice import VoiceInput, VoiceInputs, parse_voice_options, validate_voice_options
 
 log = logging.getLogger(__name__)
 
@@ -24,11 +27,12 @@ _END = object()  # closes a connection's outbox
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(
         self, services: Services, hubs: HubRegistry, turns: TurnManager, identity: Authenticator,
-        settings: GatewaySettings,
+        settings: GatewaySettings, voice_inputs: VoiceInputs,
     ):
         self.services = services
         self.hubs = hubs
         self.turns = turns
+        self.voice_inputs = voice_inputs
         self._identity = identity
         self._settings = settings
         self.connections: set[ChatConnection] = set()
@@ -41,7 +45,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         user_id = self._identity.user_id(context)
         session, last_seq, opened = await self.open_session(
             user_id, request.session_id, request.conversation_id, request.model, request.system_prompt,
-            request.persona,
+            request.persona, request.voice,
         )
         yield chat_pb2.SendMessageResponse(event=opened)
         async with self.hubs.attached(session.session_id, user_id, last_seq) as hub:
@@ -72,12 +76,51 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         user_id = self._identity.user_id(context)
         _validate_id("session_id", request.session_id, required=True)
         await self.services.sessions.get(user_id, request.session_id)  # NOT_FOUND unless the user's
+        await self.voice_inputs.discard(request.session_id, Unavailable("the session was closed"))
         hub = self.hubs.get(request.session_id)
         turn = hub.turn if hub is not None else None
         if cancel_running_turn(hub, ""):
             await turn.wait_finished()  # the cancelled turn still ends, with usage, before the log goes
         await self.services.sessions.close(user_id, request.session_id)
         return chat_pb2.CloseSessionResponse()
+
+    async def SendAudio(self, request: chat_pb2.SendAudioRequest, context) -> chat_pb2.SendAudioResponse:
+        user_id = self._identity.user_id(context)
+        _validate_id("session_id", request.session_id, required=True)
+        _validate_id("client_message_id", request.client_message_id)
+        session = self.session_context(await self.services.sessions.get(user_id, request.session_id), user_id)
+        async with self.hubs.attached(session.session_id, user_id, session.last_seq) as hub:
+            voice_input = self.voice_input(hub, session)
+            buffered = await voice_input.add(request.data, request.client_message_id)
+            utterance_id = voice_input.utterance_id
+            if request.commit:
+                utterance_id, buffered = await voice_input.commit(request.client_message_id), 0
+        return chat_pb2.SendAudioResponse(buffered_bytes=buffered, client_message_id=utterance_id)
+
+    async def UpdateSession(self, request: chat_pb2.UpdateSessionRequest, context) -> chat_pb2.UpdateSessionResponse:
+        user_id = self._identity.user_id(context)
+        _validate_id("session_id", request.session_id, required=True)
+        voice = await self.update_voice(user_id, request.session_id, request.voice)
+        return chat_pb2.UpdateSessionResponse(voice=voice)
+
+    async def update_voice(self, user_id: str, session_id: str, voice: chat_pb2.VoiceOptions) -> chat_pb2.VoiceOptions:
+        validate_voice_options(voice)
+        updated = await self.services.sessions.update(user_id, session_id, voice.SerializeToString())
+        await self.voice_inputs.discard(session_id, Unavailable("the session's voice options changed; speak again"))
+        return parse_voice_options(updated.voice_options)
+
+    def voice_input(self, hub: SessionHub, session: SessionContext) -> VoiceInput:
+        """The session's voice input on this replica, with the session's voice options."""
+        begin_turn = partial(self.turns.begin_voice_turn, hub, session)
+        return self.voice_inputs.open(hub, session.voice, self.services.llm, self._settings, begin_turn)
+
+    @staticmethod
+    def session_context(session: session_pb2.Session, user_id: str, new_conversation: bool = False) -> SessionContext:
+        return SessionContext(
+            session.session_id, user_id, session.conversation_id, session.model, session.system_prompt,
+            session.persona, session.active_turn_id, new_conversation=new_conversation,
+            voice=parse_voice_options(session.voice_options), last_seq=session.last_seq,
+        )
 
     async def ResumeStream(self, request: chat_pb2.ResumeStreamRequest, context):
         user_id = self._identity.user_id(context)
@@ -134,10 +177,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             await _quietly(sessions.end_turn(session_id, turn_id))
 
     async def open_session(
-        self, user_id: str, session_id: str, conversation_id: str, model: str, system_prompt: str, persona: str
+        self, user_id: str, session_id: str, conversation_id: str, model: str, system_prompt: str, persona: str,
+        voice: chat_pb2.VoiceOptions | None = None,
     ) -> tuple[SessionContext, int, chat_pb2.ChatEvent]:
         """Create or re-attach to a session; returns it, its last seq and the session_opened event."""
         personas.validate_persona(persona)
+        voice = voice or chat_pb2.VoiceOptions()
+        validate_voice_options(voice)
         _validate_id("session_id", session_id)
         _validate_id("conversation_id", conversation_id)
         _validate_id("model", model)
@@ -151,17 +197,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             else:
                 conversation_id = (await history.create_conversation(user_id)).conversation_id
                 created = True
-        opened = await sessions.open(user_id, session_id, conversation_id, model, system_prompt, persona)
-        s = opened.session
-        context = SessionContext(
-            s.session_id, user_id, s.conversation_id, s.model, s.system_prompt, s.persona, s.active_turn_id,
-            new_conversation=created,
+        opened = await sessions.open(
+            user_id, session_id, conversation_id, model, system_prompt, persona,
+            voice_options=voice.SerializeToString(),
         )
+        s = opened.session
+        context = self.session_context(s, user_id, new_conversation=created)
         event = chat_pb2.ChatEvent(
             session_id=s.session_id,
             session_opened=chat_pb2.SessionOpened(
                 session_id=s.session_id, conversation_id=s.conversation_id, resumed=opened.resumed,
-                model=s.model, persona=s.persona, last_seq=s.last_seq,
+                model=s.model, persona=s.persona, last_seq=s.last_seq, voice=context.voice,
             ),
         )
         event.time.GetCurrentTime()
@@ -175,6 +221,11 @@ async def _quietly(call) -> None:
         log.warning("%s", error.message)
 
 
+def _checked_id(client_message_id: str) -> str:
+    _validate_id("client_message_id", client_message_id)
+    return client_message_id
+
+
 def _validate_id(name: str, value: str, required: bool = False) -> None:
     if required and not value:
         raise InvalidArgument(f"{name} is required")
@@ -183,11 +234,23 @@ def _validate_id(name: str, value: str, required: bool = False) -> None:
 
 
 def cancel_running_turn(hub: SessionHub | None, turn_id: str) -> bool:
-    turn = hub.turn if hub is not None else None
-    if turn is None or turn.answered or (turn_id and turn_id != turn.id):
-        return False  # already ended (its terminal event says how) or running on another replica
+    turn = _running_turn(hub, turn_id)
+    if turn is None:
+        return False
     turn.cancel()
     return True
+
+
+def interrupt_running_turn(hub: SessionHub | None, interrupt: chat_pb2.Interrupt) -> bool:
+    turn = _running_turn(hub, interrupt.turn_id)
+    return turn is not None and turn.interrupt(interrupt.played_ms)
+
+
+def _running_turn(hub: SessionHub | None, turn_id: str):
+    turn = hub.turn if hub is not None else None
+    if turn is None or turn.answered or (turn_id and turn_id != turn.id):
+        return None  # already ended (its terminal event says how) or running on another replica
+    return turn
 
 
 class ChatConnection:
@@ -249,17 +312,36 @@ class ChatConnection:
                 cancel_running_turn(self._require_hub(), request.cancel.turn_id)
             elif kind == "ping":
                 await self._emit(chat_pb2.ChatEvent(pong=chat_pb2.Pong(nonce=request.ping.nonce)))
+            elif kind == "audio":
+                await self._voice_input().add(request.audio.data, _checked_id(request.audio.client_message_id))
+            elif kind == "commit":
+                await self._voice_input().commit(_checked_id(request.commit.client_message_id))
+            elif kind == "interrupt":
+                interrupt_running_turn(self._require_hub(), request.interrupt)
+            elif kind == "update_session":
+                await self._update_session(request.update_session)
             else:
-                raise InvalidArgument("empty request: set one of open, message, cancel or ping")
+                raise InvalidArgument(
+                    "empty request: set one of open, message, cancel, ping, audio, commit, interrupt or update_session"
+                )
         except DuplexError as error:
             await self._emit(error_event(error))
+
+    def _voice_input(self) -> VoiceInput:
+        return self._servicer.voice_input(self._require_hub(), self._session)
+
+    async def _update_session(self, update: chat_pb2.SessionUpdate) -> None:
+        self._require_hub()
+        voice = await self._servicer.update_voice(self._user_id, self._session.session_id, update.voice)
+        self._session = dataclasses.replace(self._session, voice=voice)
+        await self._emit(chat_pb2.ChatEvent(session_updated=chat_pb2.SessionUpdated(voice=voice)))
 
     async def _open(self, open_request: chat_pb2.OpenSession) -> None:
         if self._session is not None:
             raise FailedPrecondition("a session is already open on this stream")
         session, last_seq, opened = await self._servicer.open_session(
             self._user_id, open_request.session_id, open_request.conversation_id, open_request.model,
-            open_request.system_prompt, open_request.persona,
+            open_request.system_prompt, open_request.persona, open_request.voice,
         )
         self._session = session
         self._hub = self._servicer.hubs.acquire(session.session_id, self._user_id, last_seq)

@@ -1,11 +1,13 @@
 """Typed clients for the inner services: gRPC errors become duplex.common.errors exceptions."""
 
+import asyncio
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Iterable, Sequence
 
 import grpc
 
-from duplex.common.errors import DuplexError, Internal, from_rpc_error, from_status
+from duplex.common.errors import DuplexError, Internal, Unavailable, from_rpc_error, from_status
 from duplex.history.v1 import history_pb2, history_pb2_grpc
 from duplex.llm.v1 import llm_pb2, llm_pb2_grpc
 from duplex.session.v1 import session_pb2, session_pb2_grpc
@@ -33,11 +35,12 @@ class SessionClient:
     @_translated("session service")
     async def open(
         self, user_id: str, session_id: str = "", conversation_id: str = "", model: str = "",
-        system_prompt: str = "", persona: str = "",
+        system_prompt: str = "", persona: str = "", voice_options: bytes = b"",
     ) -> session_pb2.OpenSessionResponse:
+        """voice_options (a serialized duplex.chat.v1.VoiceOptions) only apply to a new session."""
         request = session_pb2.OpenSessionRequest(
             user_id=user_id, session_id=session_id, conversation_id=conversation_id, model=model,
-            system_prompt=system_prompt, persona=persona,
+            system_prompt=system_prompt, persona=persona, voice_options=voice_options,
         )
         return await self._stub.OpenSession(request, timeout=self._timeout)
 
@@ -47,20 +50,29 @@ class SessionClient:
         return (await self._stub.GetSession(request, timeout=self._timeout)).session
 
     @_translated("session service")
+    async def update(self, user_id: str, session_id: str, voice_options: bytes) -> session_pb2.Session:
+        """Replace the session's voice options (empty clears them); returns the session after the update."""
+        request = session_pb2.UpdateSessionRequest(user_id=user_id, session_id=session_id, voice_options=voice_options)
+        return (await self._stub.UpdateSession(request, timeout=self._timeout)).session
+
+    @_translated("session service")
     async def close(self, user_id: str, session_id: str) -> None:
         request = session_pb2.CloseSessionRequest(user_id=user_id, session_id=session_id)
         await self._stub.CloseSession(request, timeout=self._timeout)
 
     @_translated("session service")
     async def begin_turn(
-        self, user_id: str, session_id: str, turn_id: str, owner: str
+        self, user_id: str, session_id: str, turn_id: str, owner: str, uses_audio: bool = False
     ) -> session_pb2.BeginTurnResponse:
-        request = session_pb2.BeginTurnRequest(user_id=user_id, session_id=session_id, turn_id=turn_id, owner=owner)
+        """uses_audio: the turn hears or speaks audio, so the daily audio quota may refuse it."""
+        request = session_pb2.BeginTurnRequest(
+            user_id=user_id, session_id=session_id, turn_id=turn_id, owner=owner, uses_audio=uses_audio
+        )
         return await self._stub.BeginTurn(request, timeout=self._timeout)
 
     @_translated("session service")
-    async def end_turn(self, session_id: str, turn_id: str, tokens: int = 0) -> None:
-        request = session_pb2.EndTurnRequest(session_id=session_id, turn_id=turn_id, tokens=tokens)
+    async def end_turn(self, session_id: str, turn_id: str, tokens: int = 0, audio_ms: int = 0) -> None:
+        request = session_pb2.EndTurnRequest(session_id=session_id, turn_id=turn_id, tokens=tokens, audio_ms=audio_ms)
         await self._stub.EndTurn(request, timeout=self._timeout)
 
     @_translated("session service")
@@ -181,6 +193,14 @@ class LlmClient:
         """Start the call now, so the model starts answering; read the reply by iterating the result."""
         return Generation(self._stub.Generate(request, timeout=timeout))
 
+    def transcribe(self, timeout: float) -> "SpeechCall":
+        """Open a Transcribe call; write its config first, then audio."""
+        return SpeechCall(self._stub.Transcribe(timeout=timeout))
+
+    def synthesize(self, timeout: float) -> "SpeechCall":
+        """Open a Synthesize call; write its config first, then text."""
+        return SpeechCall(self._stub.Synthesize(timeout=timeout))
+
 
 class Generation:
     """A started Generate call. Iterate it once; an error or `cancel()` cancels the upstream request."""
@@ -202,3 +222,39 @@ class Generation:
 
     def cancelled(self) -> bool:
         return self._call.cancelled()
+
+
+class SpeechCall:
+    """A started bidi speech call (Transcribe or Synthesize): write requests, read responses by iterating it
+    once. Errors arrive as duplex errors; `cancel()` (or leaving the iteration) closes the provider's upstream."""
+
+    def __init__(self, call):
+        self._call = call
+
+    async def write(self, request) -> None:
+        if self._call.done():  # grpc raises CancelledError for a write to a cancelled call: say it plainly
+            raise Unavailable("the speech call ended")
+        try:
+            await self._call.write(request)
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "llm service") from None
+        except asyncio.InvalidStateError:  # the call already ended; its reader reports why
+            raise Unavailable("the speech call ended") from None
+
+    async def done_writing(self) -> None:
+        if self._call.done():
+            return
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await self._call.done_writing()
+
+    async def __aiter__(self):
+        try:
+            while (response := await self._call.read()) is not grpc.aio.EOF:
+                yield response
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "llm service") from None
+        finally:
+            self._call.cancel()
+
+    def cancel(self) -> None:
+        self._call.cancel()

@@ -18,6 +18,7 @@ from gateway.hub import HubRegistry
 from gateway.settings import GatewaySettings
 from gateway.tools import ToolRegistry, builtin_tools
 from gateway.turn import Services, TurnManager
+from gateway.voice import VoiceInputs
 from gateway.web import start_web_edge
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,8 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     turns = TurnManager(services, hubs, settings, owner)
     identity = Authenticator(settings)
     identity.warn_if_disabled()
-    chat = ChatServicer(services, hubs, turns, identity, settings)
+    voice_inputs = VoiceInputs(hubs, check_interval=max(1.0, settings.voice_input_idle_seconds / 4))
+    chat = ChatServicer(services, hubs, turns, identity, settings, voice_inputs)
     conversations = ConversationServicer(services.history, identity)
 
     def register(server) -> None:
@@ -68,9 +70,11 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     server.on_stop(close_channels)
     server.on_stop(hubs.close)
     server.on_stop(turns.close)
+    server.on_stop(voice_inputs.close)  # first: no utterance starts a turn once turns are closing
     server.on_drain(chat.drain)
     await server.start(settings.gateway_listen)
     hubs.start()
+    voice_inputs.start()
     try:
         # The browser edge (None when DUPLEX_HTTP_LISTEN is empty); `server.web.port` is its HTTP port.
         server.web = await start_web_edge(settings, chat, identity, server.port)

@@ -44,6 +44,18 @@ class GatewaySettings(ServiceSettings):
     # service's DUPLEX_TURN_LEASE_SECONDS).
     turn_lease_renew_seconds: float = 5.0
 
+    # Voice. The largest AudioInput (one WebSocket frame or SendAudio call), and one utterance's audio
+    # (the whole of a WAV/WebM/Ogg recording, or PCM between commits).
+    voice_max_audio_chunk_bytes: int = Field(65_536, ge=1024)
+    voice_max_utterance_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # How long after its speech began an utterance may go on before it is refused.
+    voice_max_utterance_seconds: float = Field(60.0, gt=0)
+    # An utterance (or a hands-free listener) with no audio for this long is dropped.
+    voice_input_idle_seconds: float = Field(30.0, gt=0)
+    # Answer audio goes out paced to play-out time, this far ahead of it: the client's buffer stays
+    # short, so a barge-in stops speech that is still queued here, and the turn lasts as long as its speech.
+    voice_audio_lead_ms: int = Field(1000, ge=0)
+
     # The browser edge (gateway/web): WebSocket chat, grpc-web, the web page and /healthz on one HTTP port
     # of the gateway process. Empty turns it off.
     http_listen: str = "127.0.0.1:8080"

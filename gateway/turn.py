@@ -9,12 +9,13 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from google.protobuf.duration_pb2 import Duration
 
 from duplex.chat.v1 import chat_pb2
 from duplex.common.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     DuplexError,
     FailedPrecondition,
@@ -24,6 +25,7 @@ from duplex.common.errors import (
 )
 from duplex.history.v1 import history_pb2
 from duplex.llm.v1 import llm_pb2
+from duplex.session.v1 import session_pb2
 from gateway import personas
 from gateway.clients import Generation, HistoryClient, LlmClient, SessionClient
 from gateway.context import ConversationContext, tool_calls_json
@@ -31,6 +33,7 @@ from gateway.hub import HubRegistry, SessionHub, error_event, is_terminal
 from gateway.recovery import end_abandoned_turn
 from gateway.settings import GatewaySettings
 from gateway.tools import ToolContext, ToolRegistry
+from gateway.voice import Speaker, Utterance
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ class SessionContext:
     running_turn_id: str = ""
     # True when the conversation was created with the session, so it is known to be empty.
     new_conversation: bool = False
+    voice: chat_pb2.VoiceOptions = field(default_factory=chat_pb2.VoiceOptions)
+    last_seq: int = 0  # the session's last seq when this context was read
 
 
 @dataclass(frozen=True)
@@ -80,9 +85,11 @@ class Round:
 class Turn:
     def __init__(
         self, hub: SessionHub, session: SessionContext, message: chat_pb2.UserMessage, services: Services,
-        settings: GatewaySettings,
+        settings: GatewaySettings, utterance: Utterance | None = None,
     ):
         self.id = uuid.uuid4().hex
+        # A voice turn begins before its message exists: it hears the utterance first.
+        self.utterance = utterance
         self.client_message_id = message.client_message_id
         self._user_text = message.text
         self._first_turn = False
@@ -107,6 +114,14 @@ class Turn:
         self._deadline = self._started_at + settings.turn_timeout_seconds
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
+        self._speaker: Speaker | None = None
+        self._speech_error: DuplexError | None = None
+        self._interrupted_at_ms: int | None = None  # played_ms of an interrupt
+        self._spoken_before_round = 0  # answer text of finished rounds (the speaker's text offsets count it)
+
+    @property
+    def uses_audio(self) -> bool:
+        return self.utterance is not None or self.session.voice.speak_answers
 
     @property
     def answered(self) -> bool:
@@ -119,6 +134,28 @@ class Turn:
     def cancel(self) -> None:
         """Stop the answer; closing the llm stream closes the provider's upstream request."""
         self._cancel_requested = True
+        if self._speaker is not None:
+            self._speaker.stop()  # no audio event follows, whatever the producer is doing
+        if self._producer is not None:
+            self._producer.cancel()
+
+    def interrupt(self, played_ms: int | None) -> bool:
+        """Barge-in: stop now and keep only what was heard by `played_ms` (None: the server's estimate)."""
+        if self._answered:
+            return False
+        if played_ms is None:
+            played_ms = self._speaker.played_ms() if self._speaker is not None else 0
+        self._interrupted_at_ms = played_ms
+        self.cancel()
+        return True
+
+    def publish_voice(self, event: chat_pb2.ChatEvent) -> None:
+        """An event of the utterance this turn hears (speech started / stopped, transcripts)."""
+        if not self._answered:
+            self._publish(event)
+
+    def _speech_failed(self, error: DuplexError) -> None:
+        self._speech_error = error
         if self._producer is not None:
             self._producer.cancel()
 
@@ -142,6 +179,8 @@ class Turn:
             await self._answer()
         finally:
             self.drop_early()
+            if self._speaker is not None:
+                await self._speaker.close()
             try:
                 await self._log_and_end()
             finally:
@@ -159,7 +198,10 @@ class Turn:
             if asyncio.current_task().cancelling():  # the gateway is stopping, not the user
                 await self._end_interrupted()
                 raise
-            await self._end_cancelled()
+            if self._speech_error is not None:
+                await self._end_failed(self._speech_error)
+            else:
+                await self._end_cancelled()
         except DuplexError as error:
             await self._end_failed(error)
         except Exception:
@@ -170,16 +212,45 @@ class Turn:
 
     async def _produce(self) -> int:
         """Call the model, running the tools it asks for, until it answers (bounded rounds)."""
+        if self.utterance is not None:
+            await self._hear()
+        if self.session.voice.speak_answers:
+            self._speaker = Speaker(
+                self._services.llm, self.session.voice, self._publish, self._speech_failed,
+                self._settings.voice_audio_lead_ms / 1000, self._remaining(),
+            )
         messages = self._prompt(await self._context())
         self._first_turn = len(messages) == 2  # the system prompt and this turn's own message
         for round_number in range(self._settings.max_tool_rounds + 1):
             allow_tools = round_number < self._settings.max_tool_rounds
             await self._generate(messages, allow_tools)
             if not self._round.tool_calls:
+                if self._speaker is not None:
+                    await self._speaker.finish()
                 return self._round.finish_reason
             messages += await self._run_tools(round_number)
             self._close_round()
         raise Internal("the model kept asking for tools")
+
+    async def _hear(self) -> None:
+        """Wait for the utterance's final transcript and store it as this turn's user message."""
+        limit = self._settings.voice_max_utterance_seconds + self._settings.rpc_timeout_seconds
+        try:
+            async with asyncio.timeout(limit):
+                text = await self.utterance.transcript()
+        except TimeoutError:
+            raise DeadlineExceeded("the utterance went on too long, or its transcript took too long") from None
+        if not text:
+            raise InvalidArgument("no speech was recognized in the utterance")
+        self._user_text = text[: self._settings.max_message_chars]
+        message = chat_pb2.UserMessage(client_message_id=self.client_message_id, text=self._user_text)
+        stored = await self._services.history.append_message(_user_message(self.session, message))
+        accepted = _accepted(self.session, message, stored.message.message_id, duplicate=stored.duplicate)
+        self._publish(accepted)
+        if stored.duplicate:
+            raise AlreadyExists(f"utterance {self.client_message_id!r} was already answered")
+        self.user_message_id = stored.message.message_id
+        self.user_message_stored = stored
 
     def _prompt(self, context: ConversationContext) -> list[llm_pb2.Message]:
         system_prompt = personas.system_prompt(
@@ -262,6 +333,7 @@ class Turn:
         return messages
 
     def _close_round(self) -> None:
+        self._spoken_before_round += len(self._round.text)
         self._prompt_tokens += self._round.prompt_tokens
         self._completion_tokens += self._round.completion_tokens
         self._round = Round()
@@ -286,6 +358,8 @@ class Turn:
         self._last_token_at = now
         self._round.text += chunk.text
         self._round.completion_tokens += chunk.token_count
+        if self._speaker is not None:
+            self._speaker.say(chunk.text)
         delta = chat_pb2.ChatEvent(delta=chat_pb2.TextDelta(text=chunk.text))
         if chunk.HasField("produced_at"):  # a delta's time is when the model produced it
             delta.time.CopyFrom(chunk.produced_at)
@@ -300,6 +374,8 @@ class Turn:
         return chat_pb2.Usage(
             prompt_tokens=self._prompt_tokens + self._round.prompt_tokens,
             completion_tokens=self._completion_tokens + self._round.completion_tokens,
+            audio_input_ms=self.utterance.audio_ms if self.utterance is not None else 0,
+            audio_output_ms=self._speaker.audio_ms if self._speaker is not None else 0,
         )
 
     async def _store(self, request: history_pb2.AppendMessageRequest) -> str:
@@ -351,8 +427,21 @@ class Turn:
         return self._usage().completion_tokens / (self._last_token_at - self._first_token_at)
 
     async def _end_cancelled(self) -> None:
+        if self._interrupted_at_ms is not None and self._speaker is not None:
+            return await self._end_heard(self._interrupted_at_ms)
         message_id = await self._store_partial(history_pb2.MESSAGE_STATUS_CANCELLED)
         cancelled = chat_pb2.TurnCancelled(usage=self._usage(), assistant_message_id=message_id)
+        self._publish(chat_pb2.ChatEvent(turn_cancelled=cancelled))
+
+    async def _end_heard(self, played_ms: int) -> None:
+        """An interrupted spoken answer: keep only the text spoken by `played_ms`."""
+        heard_chars = self._speaker.heard_chars(played_ms)
+        self._round.text = self._round.text[: max(0, heard_chars - self._spoken_before_round)]
+        message_id = await self._store_partial(history_pb2.MESSAGE_STATUS_INTERRUPTED)
+        cancelled = chat_pb2.TurnCancelled(
+            usage=self._usage(), assistant_message_id=message_id, interrupted=True, played_ms=played_ms,
+            heard_chars=heard_chars,
+        )
         self._publish(chat_pb2.ChatEvent(turn_cancelled=cancelled))
 
     async def _end_failed(self, error: DuplexError) -> None:
@@ -372,7 +461,8 @@ class Turn:
         usage = self._usage()
         try:
             await self._services.sessions.end_turn(
-                self.session.session_id, self.id, usage.prompt_tokens + usage.completion_tokens
+                self.session.session_id, self.id, usage.prompt_tokens + usage.completion_tokens,
+                audio_ms=usage.audio_input_ms + usage.audio_output_ms,
             )
         except DuplexError as error:
             log.warning("turn %s: could not mark the turn ended: %s", self.id, error.message)
@@ -398,6 +488,14 @@ def title_from(text: str) -> str:
     return words[:TITLE_CHARS].rsplit(" ", 1)[0].rstrip(",.;:") + "…"
 
 
+def _user_message(session: SessionContext, message: chat_pb2.UserMessage) -> history_pb2.AppendMessageRequest:
+    return history_pb2.AppendMessageRequest(
+        user_id=session.user_id, conversation_id=session.conversation_id, role=history_pb2.ROLE_USER,
+        content=message.text, status=history_pb2.MESSAGE_STATUS_COMPLETE,
+        client_message_id=message.client_message_id,
+    )
+
+
 def _accepted(
     session: SessionContext, message: chat_pb2.UserMessage, message_id: str, duplicate: bool
 ) -> chat_pb2.ChatEvent:
@@ -410,10 +508,15 @@ def _accepted(
 # The session service reports an unlimited quota as the field's largest value.
 _UNLIMITED_MESSAGES = 2**32 - 1
 _UNLIMITED_TOKENS = 2**64 - 1
+_UNLIMITED_AUDIO_SECONDS = 2**64 - 1
 
 
-def _is_limited(quota) -> bool:
-    return quota.messages_remaining < _UNLIMITED_MESSAGES or quota.tokens_remaining < _UNLIMITED_TOKENS
+def _is_limited(quota, uses_audio: bool) -> bool:
+    """Whether a quota event is worth sending: some limit applies (the audio one only to voice turns)."""
+    return (
+        quota.messages_remaining < _UNLIMITED_MESSAGES or quota.tokens_remaining < _UNLIMITED_TOKENS
+        or (uses_audio and quota.audio_seconds_remaining < _UNLIMITED_AUDIO_SECONDS)
+    )
 
 
 def _duration(seconds: float) -> Duration:
@@ -439,30 +542,17 @@ class TurnManager:
         """Store the message and start answering it. Returns the turn and its logged message_accepted
         event, or (None, an ephemeral message_accepted) when the message is a duplicate."""
         self._validate(message)
-        if self._draining:
-            raise Unavailable("this server is shutting down; reconnect and send the message again")
-        running = hub.turn
-        if running is not None and running.answered:
-            # The client saw the previous turn end; it is only logging its last events. Wait for that.
-            await asyncio.wait_for(running.wait_finished(), self._settings.rpc_timeout_seconds)
-            running = hub.turn
+        running = await self._running(hub)
         if running is not None and message.client_message_id == running.client_message_id != "":
             # A resend of the message being answered (say, after a reconnect): acknowledge, don't answer twice.
             return None, _accepted(session, message, running.user_message_id, duplicate=True)
-        if running is not None:
-            raise FailedPrecondition("a turn is already running in this session; cancel it or wait")
-        turn = Turn(hub, session, message, self._services, self._settings)
-        hub.turn = turn  # reserved before the first await, so concurrent messages are refused
-        if hub.context is None and session.new_conversation:
-            hub.context = ConversationContext.empty(self._settings.context_messages)
+        turn = self._reserve(hub, session, message)
         started = False
         try:
-            begun = await self._services.sessions.begin_turn(
-                session.user_id, session.session_id, turn.id, self.owner
-            )
+            begun = await self._begin(session, turn)
             turn.ask_early()
             try:
-                stored = await self._services.history.append_message(self._user_message(session, message))
+                stored = await self._services.history.append_message(_user_message(session, message))
             except BaseException:
                 await self._end_quietly(session, turn)
                 raise
@@ -475,35 +565,83 @@ class TurnManager:
         finally:
             if not started:
                 turn.drop_early()
-                hub.turn = None
-                hub.wake()
+                self._unreserve(hub)
+        await self._take_over(hub, session, begun)
+        accepted = _accepted(session, message, turn.user_message_id, duplicate=False)
+        accepted.turn_id = turn.id
+        event = hub.publish(accepted)
+        self._launch(hub, turn, begun)
+        return turn, event
+
+    async def begin_voice_turn(self, hub: SessionHub, session: SessionContext, utterance: Utterance) -> Turn:
+        """Start the turn of an utterance being heard; its message comes with the final transcript."""
+        await self._running(hub)
+        message = chat_pb2.UserMessage(client_message_id=utterance.client_message_id)
+        turn = self._reserve(hub, session, message, utterance)
+        try:
+            begun = await self._begin(session, turn)
+        except BaseException:
+            self._unreserve(hub)
+            raise
+        await self._take_over(hub, session, begun)
+        self._launch(hub, turn, begun)
+        return turn
+
+    async def _running(self, hub: SessionHub) -> Turn | None:
+        """The turn running in the session, once a turn that already answered has logged its end."""
+        if self._draining:
+            raise Unavailable("this server is shutting down; reconnect and send the message again")
+        running = hub.turn
+        if running is not None and running.answered:
+            # The client saw the previous turn end; it is only logging its last events. Wait for that.
+            await asyncio.wait_for(running.wait_finished(), self._settings.rpc_timeout_seconds)
+            running = hub.turn
+        return running
+
+    def _reserve(
+        self, hub: SessionHub, session: SessionContext, message: chat_pb2.UserMessage,
+        utterance: Utterance | None = None,
+    ) -> Turn:
+        """Take the session's turn slot before the first await, so concurrent messages are refused."""
+        if hub.turn is not None:
+            raise FailedPrecondition("a turn is already running in this session; cancel it or wait")
+        turn = Turn(hub, session, message, self._services, self._settings, utterance)
+        hub.turn = turn
+        if hub.context is None and session.new_conversation:
+            hub.context = ConversationContext.empty(self._settings.context_messages)
+        return turn
+
+    @staticmethod
+    def _unreserve(hub: SessionHub) -> None:
+        hub.turn = None
+        hub.wake()
+
+    async def _begin(self, session: SessionContext, turn: Turn) -> session_pb2.BeginTurnResponse:
+        return await self._services.sessions.begin_turn(
+            session.user_id, session.session_id, turn.id, self.owner, uses_audio=turn.uses_audio
+        )
+
+    async def _take_over(self, hub: SessionHub, session: SessionContext, begun: session_pb2.BeginTurnResponse) -> None:
         hub.restart_at(begun.last_seq)
         if begun.taken_over_turn_id:  # its gateway died mid-answer: end it in the log before this one starts
             await end_abandoned_turn(
                 self._services.sessions, self._services.history, hub, session.conversation_id,
                 begun.taken_over_turn_id,
             )
-        accepted = _accepted(session, message, turn.user_message_id, duplicate=False)
-        accepted.turn_id = turn.id
-        event = hub.publish(accepted)
-        if _is_limited(begun.quota):
+
+    def _launch(self, hub: SessionHub, turn: Turn, begun: session_pb2.BeginTurnResponse) -> None:
+        """Say what is left of the quota, and run the turn in a task of its own."""
+        if _is_limited(begun.quota, turn.uses_audio):
             quota = chat_pb2.QuotaUpdate(
-                messages_remaining=begun.quota.messages_remaining, tokens_remaining=begun.quota.tokens_remaining
+                messages_remaining=begun.quota.messages_remaining, tokens_remaining=begun.quota.tokens_remaining,
             )
+            if turn.uses_audio:
+                quota.audio_seconds_remaining = begun.quota.audio_seconds_remaining
             hub.publish(chat_pb2.ChatEvent(turn_id=turn.id, quota=quota))
         self._hubs.acquire(hub.session_id, hub.user_id, hub.last_seq)  # the turn's own reference
         task = asyncio.create_task(self._run(turn), name=f"turn-run-{turn.id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return turn, event
-
-    @staticmethod
-    def _user_message(session: SessionContext, message: chat_pb2.UserMessage) -> history_pb2.AppendMessageRequest:
-        return history_pb2.AppendMessageRequest(
-            user_id=session.user_id, conversation_id=session.conversation_id, role=history_pb2.ROLE_USER,
-            content=message.text, status=history_pb2.MESSAGE_STATUS_COMPLETE,
-            client_message_id=message.client_message_id,
-        )
 
     async def _end_quietly(self, session: SessionContext, turn: Turn) -> None:
         try:

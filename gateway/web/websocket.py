@@ -4,6 +4,9 @@ Frames: a text frame carries one ChatRequest (client -> server) or one ChatRespo
 the proto3 JSON mapping; the server writes lowerCamelCase names, leaves out default values and writes 64-bit
 integers (`seq`) as strings, and reads either name style. A binary frame carries the same message as binary
 protobuf. The server answers in the encoding of the client's latest frame (JSON until the first binary one).
+A binary frame whose first byte is 0x00 (never the first byte of a ChatRequest: field number 0 does not
+exist) carries raw audio of the current utterance, in the session's voice input format, after that byte:
+the cheap way to stream a microphone. It does not change the answer encoding.
 
 Authentication, when on: offer `Sec-WebSocket-Protocol: duplex.v1, bearer.<jwt>` (a bad token is refused
 with HTTP 401 before the upgrade; the server answers `duplex.v1`), or send as the first frame the text
@@ -40,6 +43,7 @@ CLOSE_UNAUTHENTICATED = 4401
 CLOSE_IDLE = 4408
 CLOSE_REASON_MAX_BYTES = 123  # RFC 6455: a close frame's payload is at most 125 bytes, 2 for the code
 ERROR_DETAIL_MAX_CHARS = 200
+AUDIO_FRAME_MARKER = b"\x00"
 
 
 class Disconnected(Exception):
@@ -118,6 +122,9 @@ class SocketStream:
             skip = first and _auth_frame(message) is not None
             first = False
             if skip:
+                continue
+            if message.type is WSMsgType.BINARY and message.data[:1] == AUDIO_FRAME_MARKER:
+                yield chat_pb2.ChatRequest(audio=chat_pb2.AudioInput(data=message.data[1:]))
                 continue
             self._binary = message.type is WSMsgType.BINARY
             try:
