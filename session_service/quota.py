@@ -1,4 +1,4 @@
-"""Per-user quotas: messages per minute and tokens per UTC day.
+"""Per-user quotas: messages per minute, tokens per UTC day and audio seconds per UTC day.
 
 Both backends implement the same rules; the memory store uses `MemoryQuotas`, the Redis store the same
 rules in Lua (session_service/redis_scripts.py).
@@ -9,6 +9,9 @@ rules in Lua (session_service/redis_scripts.py).
 - Tokens: a counter per user and UTC day, fed by EndTurn(tokens) once per turn. A BeginTurn is refused
   while the day's count has reached `tokens_per_day`, with retry_after = time until UTC midnight. A turn
   may overshoot the limit (its size is only known at its end); the next one is refused.
+- Audio: the same as tokens, in milliseconds, fed by EndTurn(audio_ms), but only a BeginTurn that uses
+  audio (hears or speaks it) is refused once the day's audio is used up; text turns never are. What is
+  left is reported in whole seconds rounded UP, so it reads 0 exactly when audio turns are refused.
 - A limit of 0 means unlimited; the remaining amount is then reported as None.
 """
 
@@ -30,6 +33,12 @@ class QuotaLimits:
 
     messages_per_minute: int = 0
     tokens_per_day: int = 0
+    audio_seconds_per_day: int = 0
+
+    @property
+    def audio_ms_per_day(self) -> int:
+        """Audio is counted in milliseconds (what EndTurn reports); the limit is set in seconds."""
+        return self.audio_seconds_per_day * 1000
 
 
 NO_LIMITS = QuotaLimits()
@@ -41,6 +50,7 @@ class QuotaStatus:
 
     messages_remaining: int | None
     tokens_remaining: int | None
+    audio_seconds_remaining: int | None = None
 
 
 def utc_day(now: float) -> int:
@@ -66,8 +76,22 @@ def tokens_exhausted(limit: int, retry_after: float) -> ResourceExhausted:
     )
 
 
+def audio_exhausted(limit_seconds: int, retry_after: float) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"daily audio quota exhausted: {limit_seconds} seconds of audio per day",
+        retry_after=max(MIN_RETRY_AFTER_SECONDS, retry_after),
+    )
+
+
 def remaining(limit: int, used: int) -> int | None:
     return None if limit <= 0 else max(0, limit - used)
+
+
+def audio_seconds_remaining(limit_seconds: int, used_ms: int) -> int | None:
+    """Rounded up: 0 only once nothing is left, i.e. exactly when an audio turn is refused."""
+    if limit_seconds <= 0:
+        return None
+    return max(0, -(-(limit_seconds * 1000 - used_ms) // 1000))
 
 
 class MemoryQuotas:
@@ -77,12 +101,16 @@ class MemoryQuotas:
         self._limits = limits
         self._sent: dict[str, deque[float]] = {}  # user -> times of the messages in the window, oldest first
         self._tokens: dict[str, tuple[int, int]] = {}  # user -> (utc day, tokens used that day)
+        self._audio: dict[str, tuple[int, int]] = {}  # user -> (utc day, audio milliseconds used that day)
 
-    def check(self, user_id: str, now: float) -> None:
+    def check(self, user_id: str, now: float, *, uses_audio: bool = False) -> None:
         """Raise ResourceExhausted if the user may not send a message now. Changes nothing."""
         tokens_limit = self._limits.tokens_per_day
         if tokens_limit > 0 and self._tokens_used(user_id, now) >= tokens_limit:
             raise tokens_exhausted(tokens_limit, seconds_until_utc_midnight(now))
+        audio_limit_ms = self._limits.audio_ms_per_day
+        if uses_audio and audio_limit_ms > 0 and self._audio_used(user_id, now) >= audio_limit_ms:
+            raise audio_exhausted(self._limits.audio_seconds_per_day, seconds_until_utc_midnight(now))
         messages_limit = self._limits.messages_per_minute
         sent = self._window(user_id, now)
         if messages_limit > 0 and len(sent) >= messages_limit:
@@ -98,21 +126,30 @@ class MemoryQuotas:
         return QuotaStatus(
             messages_remaining=remaining(self._limits.messages_per_minute, len(self._window(user_id, now))),
             tokens_remaining=remaining(self._limits.tokens_per_day, self._tokens_used(user_id, now)),
+            audio_seconds_remaining=audio_seconds_remaining(
+                self._limits.audio_seconds_per_day, self._audio_used(user_id, now)
+            ),
         )
 
     def add_tokens(self, user_id: str, tokens: int, now: float) -> None:
         if tokens > 0:
             self._tokens[user_id] = (utc_day(now), self._tokens_used(user_id, now) + tokens)
 
+    def add_audio(self, user_id: str, audio_ms: int, now: float) -> None:
+        if audio_ms > 0:
+            self._audio[user_id] = (utc_day(now), self._audio_used(user_id, now) + audio_ms)
+
     def forget_idle(self, now: float) -> None:
-        """Drop users with nothing in the window and no tokens today, so the book does not grow forever."""
+        """Drop users with nothing in the window and no tokens or audio today, so the book does not grow
+        forever."""
         for user_id in list(self._sent):
             if not self._window(user_id, now):
                 del self._sent[user_id]
         today = utc_day(now)
-        for user_id, (day, _) in list(self._tokens.items()):
-            if day != today:
-                del self._tokens[user_id]
+        for daily in (self._tokens, self._audio):
+            for user_id, (day, _) in list(daily.items()):
+                if day != today:
+                    del daily[user_id]
 
     def _window(self, user_id: str, now: float) -> deque[float]:
         sent = self._sent.get(user_id, deque())
@@ -121,5 +158,12 @@ class MemoryQuotas:
         return sent
 
     def _tokens_used(self, user_id: str, now: float) -> int:
-        day, used = self._tokens.get(user_id, (-1, 0))
-        return used if day == utc_day(now) else 0
+        return _used_today(self._tokens, user_id, now)
+
+    def _audio_used(self, user_id: str, now: float) -> int:
+        return _used_today(self._audio, user_id, now)
+
+
+def _used_today(daily: dict[str, tuple[int, int]], user_id: str, now: float) -> int:
+    day, used = daily.get(user_id, (-1, 0))
+    return used if day == utc_day(now) else 0

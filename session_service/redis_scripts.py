@@ -6,7 +6,8 @@ never compare their own clocks):
 
 - P session:S   hash: user, conv, model, prompt, persona, created_ms, expires_ms, last_seq,
                 turn, owner, lease_ms (the session's turn: kept after its lease ran out until EndTurn or a
-                takeover, but then no longer running)
+                takeover, but then no longer running), voice (opaque bytes; absent in sessions written
+                before it existed, which read as empty)
 - P log:S       stream: entry `<seq>-0` per event (fields turn, payload, terminal). Entries `<seq>-<n>`
                 with n > 0 are control entries (EndTurn, close, expiry) that only wake blocked readers;
                 readers skip them.
@@ -18,6 +19,7 @@ never compare their own clocks):
 - P ended:S     hash: user, conv, created_ms, ended_ms, attempts (the record to deliver)
 - P quota:messages:U  sorted set: the user's messages in the last minute (member = session:turn)
 - P quota:tokens:U    hash: day (days since epoch, UTC), used
+- P quota:audio:U     hash: day (days since epoch, UTC), used (milliseconds of audio)
 
 Per-session keys carry Redis TTLs of the session TTL plus a grace period: the sweeper decides expiry
 (it must record the end first); Redis' TTL only removes what no sweeper got to, e.g. all replicas down.
@@ -123,8 +125,9 @@ local function remember_turn(k, turn_id, max_turns)
 end
 
 local function info(s, now)
+  -- `or ''`: a nil would cut the reply short.
   return {'OK', int(now), s.user, s.conv, s.model, s.prompt, s.persona, s.created_ms, s.expires_ms,
-          s.last_seq, s.turn, s.owner, s.lease_ms}
+          s.last_seq, s.turn, s.owner, s.lease_ms, s.voice or ''}
 end
 
 -- A control entry sorts after the data entry <last_seq>-0 and before <last_seq + 1>-0.
@@ -144,28 +147,47 @@ local function end_session(k, sid, s, ended_ms, now, record)
   redis.call('PEXPIRE', k.log, CLOSED_LOG_LINGER_MS)
 end
 
-local function tokens_used_today(key, day)
+-- A daily counter (tokens, audio ms): a hash of day and used; another day's count reads as 0.
+local function used_today(key, day)
   local h = redis.call('HMGET', key, 'day', 'used')
   if h[1] and tonumber(h[1]) == day then return tonumber(h[2]) end
   return 0
+end
+
+-- Lua numbers are doubles, exact up to 2^53, and '%d' wraps beyond 2^63: an uncapped huge count (uint64 on
+-- the wire) would be stored NEGATIVE and lift the quota. Capped, it simply exhausts any real limit.
+local MAX_DAILY_COUNT = 9007199254740992
+
+-- Adds to today's count; the key goes at the next UTC midnight, when the count starts afresh anyway.
+local function add_today(key, day, amount)
+  if amount <= 0 then return end
+  local used = math.min(MAX_DAILY_COUNT, used_today(key, day) + amount)
+  redis.call('HSET', key, 'day', int(day), 'used', int(used))
+  redis.call('PEXPIREAT', key, int((day + 1) * DAY_MS))
 end
 
 local function remaining_or_unlimited(limit, used)
   if limit <= 0 then return '-1' end
   return int(math.max(0, limit - used))
 end
+
+-- Whole seconds rounded up, so 0 only once nothing is left (session_service/quota.py).
+local function audio_seconds_remaining(limit_ms, used_ms)
+  if limit_ms <= 0 then return '-1' end
+  return int(math.max(0, math.ceil((limit_ms - used_ms) / 1000)))
+end
 """
 
-# KEYS: session keys. ARGV: sid, user, conv, model, prompt, persona, ttl_ms, grace_ms
+# KEYS: session keys. ARGV: sid, user, conv, model, prompt, persona, ttl_ms, grace_ms, voice
 OPEN_NEW = r"""
 local k = declared_keys()
 local sid, ttl_ms, grace_ms = ARGV[1], tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = now_ms()
 local s = {user = ARGV[2], conv = ARGV[3], model = ARGV[4], prompt = ARGV[5], persona = ARGV[6],
-           created_ms = int(now), last_seq = '0', turn = '', owner = '', lease_ms = '0'}
+           created_ms = int(now), last_seq = '0', turn = '', owner = '', lease_ms = '0', voice = ARGV[9]}
 redis.call('HSET', k.session, 'user', s.user, 'conv', s.conv, 'model', s.model, 'prompt', s.prompt,
            'persona', s.persona, 'created_ms', s.created_ms, 'last_seq', s.last_seq, 'turn', s.turn,
-           'owner', s.owner, 'lease_ms', s.lease_ms)
+           'owner', s.owner, 'lease_ms', s.lease_ms, 'voice', s.voice)
 touch(k, sid, s, now, ttl_ms, grace_ms)
 return info(s, now)
 """
@@ -184,6 +206,19 @@ for name, value in pairs(changes) do
     redis.call('HSET', k.session, name, value)
   end
 end
+touch(k, sid, s, now, ttl_ms, grace_ms)
+return info(s, now)
+"""
+
+# KEYS: session keys. ARGV: sid, user, voice, ttl_ms, grace_ms. Replaces the voice options (a use: touches).
+UPDATE = r"""
+local k = declared_keys()
+local sid, user, ttl_ms, grace_ms = ARGV[1], ARGV[2], tonumber(ARGV[4]), tonumber(ARGV[5])
+local now = now_ms()
+local s = owned_session(k, user, now)
+if s == nil then return {'NOT_FOUND'} end
+s.voice = ARGV[3]
+redis.call('HSET', k.session, 'voice', s.voice)
 touch(k, sid, s, now, ttl_ms, grace_ms)
 return info(s, now)
 """
@@ -207,23 +242,27 @@ end_session(k, ARGV[1], s, now, now, ARGV[3])
 return {'OK'}
 """
 
-# KEYS: session keys, messages window, tokens counter.
-# ARGV: sid, user, turn, owner, ttl_ms, grace_ms, lease_ms, messages_per_minute, tokens_per_day, max_turns
-# Returns OK last_seq messages_remaining tokens_remaining taken_over_turn | BUSY | TURN_ENDED
-#       | TOKENS retry_ms | MESSAGES retry_ms | NOT_FOUND. A refusal changes nothing (beyond forgetting
-# messages older than the window).
+# KEYS: session keys, messages window, tokens counter, audio counter.
+# ARGV: sid, user, turn, owner, ttl_ms, grace_ms, lease_ms, messages_per_minute, tokens_per_day, max_turns,
+#       audio_ms_per_day, uses_audio ('1' for a turn that hears or speaks audio)
+# Returns OK last_seq messages_remaining tokens_remaining audio_seconds_remaining taken_over_turn | BUSY
+#       | TURN_ENDED | TOKENS retry_ms | AUDIO retry_ms | MESSAGES retry_ms | NOT_FOUND. A refusal changes
+# nothing (beyond forgetting messages older than the window).
 BEGIN_TURN = r"""
 local k = declared_keys()
 local window_key, tokens_key = KEYS[SESSION_KEY_COUNT + 1], KEYS[SESSION_KEY_COUNT + 2]
+local audio_key = KEYS[SESSION_KEY_COUNT + 3]
 local sid, user, turn_id, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local ttl_ms, grace_ms, lease_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local message_limit, token_limit, max_turns = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local audio_limit_ms, uses_audio = tonumber(ARGV[11]), ARGV[12] == '1'
 local now = now_ms()
 local s = owned_session(k, user, now)
 if s == nil then return {'NOT_FOUND'} end
 
 local day = math.floor(now / DAY_MS)
-local tokens_used = tokens_used_today(tokens_key, day)
+local tokens_used = used_today(tokens_key, day)
+local audio_used = used_today(audio_key, day)
 local sent = 0
 if message_limit > 0 then
   redis.call('ZREMRANGEBYSCORE', window_key, '-inf', now - MINUTE_MS)
@@ -237,6 +276,10 @@ if s.turn ~= turn_id then
   if redis.call('HGET', k.turns, turn_id) == 'ended' then return {'TURN_ENDED'} end
   if token_limit > 0 and tokens_used >= token_limit then
     return {'TOKENS', int((day + 1) * DAY_MS - now)}
+  end
+  -- Only a turn that hears or speaks audio is refused by the audio quota; text turns go on.
+  if uses_audio and audio_limit_ms > 0 and audio_used >= audio_limit_ms then
+    return {'AUDIO', int((day + 1) * DAY_MS - now)}
   end
   if message_limit > 0 then
     if sent >= message_limit then
@@ -253,26 +296,24 @@ redis.call('HSET', k.session, 'turn', turn_id, 'owner', owner, 'lease_ms', int(n
 remember_turn(k, turn_id, max_turns)
 touch(k, sid, s, now, ttl_ms, grace_ms)
 return {'OK', s.last_seq, remaining_or_unlimited(message_limit, sent),
-        remaining_or_unlimited(token_limit, tokens_used), taken_over}
+        remaining_or_unlimited(token_limit, tokens_used), audio_seconds_remaining(audio_limit_ms, audio_used),
+        taken_over}
 """
 
-# KEYS: session keys. ARGV: sid, turn, tokens, prefix, ttl_ms, grace_ms
+# KEYS: session keys. ARGV: sid, turn, tokens, prefix, ttl_ms, grace_ms, audio_ms
 END_TURN = r"""
 local k = declared_keys()
 local sid, turn_id, tokens, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local ttl_ms, grace_ms = tonumber(ARGV[5]), tonumber(ARGV[6])
+local ttl_ms, grace_ms, audio_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
 local s = live_session(k, now)
 if s == nil then return {'NOT_FOUND'} end
 if redis.call('HGET', k.turns, turn_id) == 'begun' then
   redis.call('HSET', k.turns, turn_id, 'ended')
-  if tokens > 0 then
-    -- The owner is only known from the session, so this key cannot be declared up front.
-    local tokens_key = prefix .. 'quota:tokens:' .. s.user
-    local day = math.floor(now / DAY_MS)
-    redis.call('HSET', tokens_key, 'day', int(day), 'used', int(tokens_used_today(tokens_key, day) + tokens))
-    redis.call('PEXPIREAT', tokens_key, int((day + 1) * DAY_MS))
-  end
+  -- The owner is only known from the session, so these keys cannot be declared up front.
+  local day = math.floor(now / DAY_MS)
+  add_today(prefix .. 'quota:tokens:' .. s.user, day, tokens)
+  add_today(prefix .. 'quota:audio:' .. s.user, day, audio_ms)
 end
 if s.turn ~= turn_id then return {'OK'} end
 redis.call('HSET', k.session, 'turn', '', 'owner', '', 'lease_ms', '0')

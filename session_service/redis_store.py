@@ -25,7 +25,14 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from duplex.common.errors import DuplexError, Unavailable
-from session_service.quota import NO_LIMITS, QuotaLimits, QuotaStatus, messages_exhausted, tokens_exhausted
+from session_service.quota import (
+    NO_LIMITS,
+    QuotaLimits,
+    QuotaStatus,
+    audio_exhausted,
+    messages_exhausted,
+    tokens_exhausted,
+)
 from session_service.redis_scripts import (
     APPEND,
     APPEND_BATCHES,
@@ -41,6 +48,7 @@ from session_service.redis_scripts import (
     REOPEN,
     RETRY_ENDED,
     SWEEP_EXPIRED,
+    UPDATE,
 )
 from session_service.session_end import (
     RECORD_TIMEOUT_SECONDS,
@@ -174,6 +182,9 @@ class RedisKeys:
     def tokens(self, user_id: str) -> str:
         return f"{self.prefix}quota:tokens:{user_id}"
 
+    def audio(self, user_id: str) -> str:
+        return f"{self.prefix}quota:audio:{user_id}"
+
 
 class _Scripts:
     def __init__(self, client: aioredis.Redis) -> None:
@@ -183,6 +194,7 @@ class _Scripts:
         self.open_new = register(OPEN_NEW)
         self.reopen = register(REOPEN)
         self.get = register(GET)
+        self.update = register(UPDATE)
         self.close = register(CLOSE)
         self.begin_turn = register(BEGIN_TURN)
         self.end_turn = register(END_TURN)
@@ -212,7 +224,7 @@ class _ClaimedEnd:
 
 
 def _session_info(session_id: str, reply: list[bytes]) -> SessionInfo:
-    _, now, user, conv, model, prompt, persona, created, expires, last_seq, turn, owner, lease = reply
+    _, now, user, conv, model, prompt, persona, created, expires, last_seq, turn, owner, lease, voice = reply
     running = bool(turn) and int(lease) > int(now)
     return SessionInfo(
         session_id=session_id,
@@ -226,6 +238,7 @@ def _session_info(session_id: str, reply: list[bytes]) -> SessionInfo:
         last_seq=int(last_seq),
         active_turn_id=_text(turn) if running else "",
         active_turn_owner=_text(owner) if running else "",
+        voice_options=voice,  # opaque bytes, never decoded
     )
 
 
@@ -327,11 +340,22 @@ class RedisSessionStore:
 
     @_redis_call
     async def open_session(
-        self, user_id: str, session_id: str, *, conversation_id: str, model: str, system_prompt: str, persona: str = ""
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        conversation_id: str,
+        model: str,
+        system_prompt: str,
+        persona: str = "",
+        voice_options: bytes = b"",
     ) -> tuple[SessionInfo, bool]:
         if not session_id:
             session_id = uuid.uuid4().hex
-            args = [session_id, user_id, conversation_id, model, system_prompt, persona, self._ttl_ms, EXPIRY_GRACE_MS]
+            args = [
+                session_id, user_id, conversation_id, model, system_prompt, persona, self._ttl_ms, EXPIRY_GRACE_MS,
+                voice_options,
+            ]  # fmt: skip
             reply = await self._scripts.open_new(keys=self._keys.of_session(session_id), args=args)
             log.info("session %s opened for user %s", session_id, user_id)
             return _session_info(session_id, reply), False
@@ -349,6 +373,14 @@ class RedisSessionStore:
         return _session_info(session_id, reply)
 
     @_redis_call
+    async def update_session(self, user_id: str, session_id: str, *, voice_options: bytes) -> SessionInfo:
+        self._require_session_id(session_id)
+        args = [session_id, user_id, voice_options, self._ttl_ms, EXPIRY_GRACE_MS]
+        reply = await self._scripts.update(keys=self._keys.of_session(session_id), args=args)
+        self._require_found(reply, session_id)
+        return _session_info(session_id, reply)
+
+    @_redis_call
     async def close_session(self, user_id: str, session_id: str) -> None:
         self._require_session_id(session_id)
         record = "1" if self._recorder is not None else "0"
@@ -360,9 +392,16 @@ class RedisSessionStore:
     # -- turns
 
     @_redis_call
-    async def begin_turn(self, user_id: str, session_id: str, turn_id: str, *, owner: str = "") -> TurnStart:
+    async def begin_turn(
+        self, user_id: str, session_id: str, turn_id: str, *, owner: str = "", uses_audio: bool = False
+    ) -> TurnStart:
         self._require_session_id(session_id)
-        keys = [*self._keys.of_session(session_id), self._keys.messages(user_id), self._keys.tokens(user_id)]
+        keys = [
+            *self._keys.of_session(session_id),
+            self._keys.messages(user_id),
+            self._keys.tokens(user_id),
+            self._keys.audio(user_id),
+        ]
         args = [
             session_id,
             user_id,
@@ -374,17 +413,18 @@ class RedisSessionStore:
             self._limits.messages_per_minute,
             self._limits.tokens_per_day,
             MAX_REMEMBERED_TURNS,
+            self._limits.audio_ms_per_day,
+            "1" if uses_audio else "0",
         ]
         reply = await self._scripts.begin_turn(keys=keys, args=args)
         self._raise_if_refused(reply, session_id, turn_id)
-        _, last_seq, messages_left, tokens_left, taken_over = reply
+        _, last_seq, messages_left, tokens_left, audio_left, taken_over = reply
         if taken_over:
             log.warning(
                 "session %s: turn %s takes over turn %s whose lease expired", session_id, turn_id, _text(taken_over)
             )
-        return TurnStart(
-            int(last_seq), QuotaStatus(_remaining(messages_left), _remaining(tokens_left)), _text(taken_over)
-        )
+        quota = QuotaStatus(_remaining(messages_left), _remaining(tokens_left), _remaining(audio_left))
+        return TurnStart(int(last_seq), quota, _text(taken_over))
 
     def _raise_if_refused(self, reply: list[bytes], session_id: str, turn_id: str) -> None:
         status = reply[0]
@@ -398,15 +438,17 @@ class RedisSessionStore:
             raise turn_ended_error(turn_id)
         if status == b"TOKENS":
             raise tokens_exhausted(self._limits.tokens_per_day, int(reply[1]) / 1000)
+        if status == b"AUDIO":
+            raise audio_exhausted(self._limits.audio_seconds_per_day, int(reply[1]) / 1000)
         if status == b"MESSAGES":
             raise messages_exhausted(self._limits.messages_per_minute, int(reply[1]) / 1000)
         raise RuntimeError(f"unexpected begin_turn reply {status!r}")
 
     @_redis_call
-    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0) -> None:
+    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0) -> None:
         if not SESSION_ID.fullmatch(session_id):
             return
-        args = [session_id, turn_id, tokens, self._keys.prefix, self._ttl_ms, EXPIRY_GRACE_MS]
+        args = [session_id, turn_id, tokens, self._keys.prefix, self._ttl_ms, EXPIRY_GRACE_MS, audio_ms]
         await self._scripts.end_turn(keys=self._keys.of_session(session_id), args=args)
 
     # -- the event log

@@ -34,7 +34,9 @@ def build_store(settings: SessionSettings, recorder: HistoryRecorder | None = No
         "ttl_seconds": settings.session_ttl_seconds,
         "log_max_events": settings.session_log_max_events,
         "turn_lease_seconds": settings.turn_lease_seconds,
-        "quota_limits": QuotaLimits(settings.quota_messages_per_minute, settings.quota_tokens_per_day),
+        "quota_limits": QuotaLimits(
+            settings.quota_messages_per_minute, settings.quota_tokens_per_day, settings.quota_audio_seconds_per_day
+        ),
         "recorder": recorder,
         "end_retry_seconds": settings.session_end_retry_seconds,
     }

@@ -14,6 +14,11 @@ from session_service.store import AppendOutcome, EventBatch, LogEntry, SessionIn
 # How "unlimited" reads in QuotaStatus, whose fields cannot say it otherwise: the field's largest value.
 UNLIMITED_MESSAGES = 2**32 - 1
 UNLIMITED_TOKENS = 2**64 - 1
+UNLIMITED_AUDIO_SECONDS = 2**64 - 1
+# Voice options are a handful of settings (voice, speed, format...): a few hundred bytes. The bound keeps
+# a session record small, whatever a caller sends; OpenSession and UpdateSession refuse more
+# (INVALID_ARGUMENT), changing nothing.
+MAX_VOICE_OPTIONS_BYTES = 4096
 # AppendEventBatches takes at most this much per call (session.proto says so), which bounds one Redis script.
 MAX_APPEND_BATCHES = 1000
 MAX_APPEND_BATCH_EVENTS = 10_000
@@ -23,6 +28,11 @@ def _require(**fields: str) -> None:
     for name, value in fields.items():
         if not value:
             raise InvalidArgument(f"{name} is required")
+
+
+def _check_voice_options(voice_options: bytes) -> None:
+    if len(voice_options) > MAX_VOICE_OPTIONS_BYTES:
+        raise InvalidArgument(f"voice_options: at most {MAX_VOICE_OPTIONS_BYTES} bytes, got {len(voice_options)}")
 
 
 def _timestamp(epoch_seconds: float) -> Timestamp:
@@ -44,6 +54,7 @@ def _session_to_proto(info: SessionInfo) -> session_pb2.Session:
         active_turn_id=info.active_turn_id,
         persona=info.persona,
         active_turn_owner=info.active_turn_owner,
+        voice_options=info.voice_options,
     )
 
 
@@ -51,6 +62,9 @@ def _quota_to_proto(quota: QuotaStatus) -> session_pb2.QuotaStatus:
     return session_pb2.QuotaStatus(
         messages_remaining=UNLIMITED_MESSAGES if quota.messages_remaining is None else quota.messages_remaining,
         tokens_remaining=UNLIMITED_TOKENS if quota.tokens_remaining is None else quota.tokens_remaining,
+        audio_seconds_remaining=(
+            UNLIMITED_AUDIO_SECONDS if quota.audio_seconds_remaining is None else quota.audio_seconds_remaining
+        ),
     )
 
 
@@ -91,6 +105,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.OpenSessionRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.OpenSessionResponse:
         _require(user_id=request.user_id)
+        # Checked on a re-attach too, where they are ignored: an oversized request is malformed either way.
+        _check_voice_options(request.voice_options)
         info, resumed = await self._store.open_session(
             request.user_id,
             request.session_id,
@@ -98,6 +114,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
             model=request.model,
             system_prompt=request.system_prompt,
             persona=request.persona,
+            voice_options=request.voice_options,
         )
         return session_pb2.OpenSessionResponse(session=_session_to_proto(info), resumed=resumed)
 
@@ -107,6 +124,16 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         _require(user_id=request.user_id, session_id=request.session_id)
         info = await self._store.get_session(request.user_id, request.session_id)
         return session_pb2.GetSessionResponse(session=_session_to_proto(info))
+
+    async def UpdateSession(
+        self, request: session_pb2.UpdateSessionRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.UpdateSessionResponse:
+        _require(user_id=request.user_id, session_id=request.session_id)
+        _check_voice_options(request.voice_options)
+        info = await self._store.update_session(
+            request.user_id, request.session_id, voice_options=request.voice_options
+        )
+        return session_pb2.UpdateSessionResponse(session=_session_to_proto(info))
 
     async def CloseSession(
         self, request: session_pb2.CloseSessionRequest, context: grpc.aio.ServicerContext
@@ -120,7 +147,7 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.BeginTurnResponse:
         _require(user_id=request.user_id, session_id=request.session_id, turn_id=request.turn_id)
         started = await self._store.begin_turn(
-            request.user_id, request.session_id, request.turn_id, owner=request.owner
+            request.user_id, request.session_id, request.turn_id, owner=request.owner, uses_audio=request.uses_audio
         )
         return session_pb2.BeginTurnResponse(
             last_seq=started.last_seq, quota=_quota_to_proto(started.quota),
@@ -131,7 +158,9 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         self, request: session_pb2.EndTurnRequest, context: grpc.aio.ServicerContext
     ) -> session_pb2.EndTurnResponse:
         _require(session_id=request.session_id, turn_id=request.turn_id)
-        await self._store.end_turn(request.session_id, request.turn_id, tokens=request.tokens)
+        await self._store.end_turn(
+            request.session_id, request.turn_id, tokens=request.tokens, audio_ms=request.audio_ms
+        )
         return session_pb2.EndTurnResponse()
 
     async def AppendEvents(

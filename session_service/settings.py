@@ -22,9 +22,12 @@ class SessionSettings(ServiceSettings):
     redis_url: SecretStr | None = None
     # Every key this service writes starts with this, so several deployments (or tests) can share a Redis.
     redis_key_prefix: str = "duplex:"
-    # Per-user quotas; 0 means unlimited. Messages: a sliding one-minute window; tokens: per UTC day.
+    # Per-user quotas; 0 means unlimited. Messages: a sliding one-minute window; tokens and audio: per
+    # UTC day. Audio is the seconds heard and spoken in voice turns (an hour a day by default); once used
+    # up, voice turns are refused until UTC midnight while text turns go on.
     quota_messages_per_minute: int = 30
     quota_tokens_per_day: int = 1_000_000
+    quota_audio_seconds_per_day: int = 3600
     # history_service, where closed and expired sessions are recorded; empty disables recording.
     history_target: str = "127.0.0.1:50054"
     # First delay before retrying a failed recording; it doubles on each failure, up to 5 minutes.

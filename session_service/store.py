@@ -74,6 +74,8 @@ class SessionInfo:
     active_turn_id: str
     persona: str = ""
     active_turn_owner: str = ""
+    # The gateway's serialized voice settings; opaque here.
+    voice_options: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -100,26 +102,41 @@ class SessionStore(Protocol):
         """Whether the backend answers (health)."""
 
     async def open_session(
-        self, user_id: str, session_id: str, *, conversation_id: str, model: str, system_prompt: str, persona: str = ""
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        conversation_id: str,
+        model: str,
+        system_prompt: str,
+        persona: str = "",
+        voice_options: bytes = b"",
     ) -> tuple[SessionInfo, bool]:
-        """Create a session (empty session_id) or re-attach to one; returns it and whether it was resumed."""
+        """Create a session (empty session_id) or re-attach to one; returns it and whether it was resumed.
+        voice_options only apply to a new session; a re-attach keeps the session's (see update_session)."""
 
     async def get_session(self, user_id: str, session_id: str) -> SessionInfo:
         """Return the session without refreshing its TTL."""
 
+    async def update_session(self, user_id: str, session_id: str, *, voice_options: bytes) -> SessionInfo:
+        """Replace the session's voice options (empty clears them) and refresh its TTL; returns it."""
+
     async def close_session(self, user_id: str, session_id: str) -> None:
         """Drop the session and its log; its readers end; its end is recorded."""
 
-    async def begin_turn(self, user_id: str, session_id: str, turn_id: str, *, owner: str = "") -> TurnStart:
+    async def begin_turn(
+        self, user_id: str, session_id: str, turn_id: str, *, owner: str = "", uses_audio: bool = False
+    ) -> TurnStart:
         """Mark turn_id as running (owned by `owner`), counting one message against the user's quota.
 
         Beginning the turn that is already the session's turn is a retry: it renews the lease and counts
         nothing. FailedPrecondition while another turn runs or when turn_id already ended;
-        ResourceExhausted (with retry_after) over quota. A refusal changes nothing."""
+        ResourceExhausted (with retry_after) over quota, the audio quota only for a turn that uses_audio.
+        A refusal changes nothing."""
 
-    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0) -> None:
-        """Clear the running turn if it is turn_id (a no-op otherwise); count `tokens` against the owner's
-        daily quota once per begun turn, however often EndTurn is repeated."""
+    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0) -> None:
+        """Clear the running turn if it is turn_id (a no-op otherwise); count `tokens` and `audio_ms`
+        against the owner's daily quotas once per begun turn, however often EndTurn is repeated."""
 
     async def append_events(self, session_id: str, events: Sequence[LogEntry]) -> int:
         """Append events whose seqs continue the log; returns the new last seq."""
@@ -221,6 +238,7 @@ class _Session:
     persona: str
     created_at: float
     expires_at: float
+    voice_options: bytes = b""
     last_seq: int = 0
     # Contiguous: events[i].seq == first_retained_seq() + i.
     events: list[LogEntry] = field(default_factory=list)
@@ -267,6 +285,7 @@ class _Session:
             last_seq=self.last_seq,
             active_turn_id=turn.turn_id if turn else "",
             active_turn_owner=turn.owner if turn else "",
+            voice_options=self.voice_options,
         )
 
     def ended(self, ended_at: float) -> EndedSession:
@@ -335,13 +354,22 @@ class MemorySessionStore:
     # -- sessions
 
     async def open_session(
-        self, user_id: str, session_id: str, *, conversation_id: str, model: str, system_prompt: str, persona: str = ""
+        self,
+        user_id: str,
+        session_id: str,
+        *,
+        conversation_id: str,
+        model: str,
+        system_prompt: str,
+        persona: str = "",
+        voice_options: bytes = b"",
     ) -> tuple[SessionInfo, bool]:
         if not session_id:
-            session = self._create(user_id, conversation_id, model, system_prompt, persona)
+            session = self._create(user_id, conversation_id, model, system_prompt, persona, voice_options)
             return session.info(self._clock()), False
         session = self._owned(user_id, session_id)
-        # A re-attach may switch model, prompt or persona; the conversation stays the session's own.
+        # A re-attach may switch model, prompt or persona; the conversation stays the session's own, and so
+        # do its voice options (only UpdateSession replaces them, so a reconnect cannot reset them).
         if model:
             session.model = model
         if system_prompt:
@@ -355,19 +383,27 @@ class MemorySessionStore:
         # Looking is not using: a status poll must not keep an abandoned session alive.
         return self._owned(user_id, session_id).info(self._clock())
 
+    async def update_session(self, user_id: str, session_id: str, *, voice_options: bytes) -> SessionInfo:
+        session = self._owned(user_id, session_id)
+        session.voice_options = voice_options
+        self._touch(session)
+        return session.info(self._clock())
+
     async def close_session(self, user_id: str, session_id: str) -> None:
         self._remove(self._owned(user_id, session_id), "closed")
 
     # -- turns
 
-    async def begin_turn(self, user_id: str, session_id: str, turn_id: str, *, owner: str = "") -> TurnStart:
+    async def begin_turn(
+        self, user_id: str, session_id: str, turn_id: str, *, owner: str = "", uses_audio: bool = False
+    ) -> TurnStart:
         session = self._owned(user_id, session_id)
         now = self._clock()
         taken_over = ""
         if session.turn is not None and session.turn.turn_id == turn_id:
             quota = self._quotas.status(user_id, now)  # a retry: the message was counted the first time
         else:
-            quota = self._start_new_turn(session, turn_id, now)
+            quota = self._start_new_turn(session, turn_id, now, uses_audio)
             taken_over = session.turn.turn_id if session.turn is not None else ""
         session.turn = _Turn(turn_id, owner, lease_expires_at=now + self._turn_lease)
         session.remember_turn(turn_id)
@@ -375,13 +411,13 @@ class MemorySessionStore:
         session.changes.notify()
         return TurnStart(session.last_seq, quota, taken_over)
 
-    def _start_new_turn(self, session: _Session, turn_id: str, now: float) -> QuotaStatus:
+    def _start_new_turn(self, session: _Session, turn_id: str, now: float, uses_audio: bool) -> QuotaStatus:
         """Every check that can refuse comes before the one change (counting the message)."""
         if session.running_turn(now) is not None:
             raise turn_running_error()
         if session.turn_states.get(turn_id) == _ENDED:
             raise turn_ended_error(turn_id)
-        self._quotas.check(session.user_id, now)
+        self._quotas.check(session.user_id, now, uses_audio=uses_audio)
         if session.turn is not None:
             log.warning(
                 "session %s: turn %s takes over turn %s whose lease expired",
@@ -391,13 +427,15 @@ class MemorySessionStore:
             )
         return self._quotas.count_message(session.user_id, now)
 
-    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0) -> None:
+    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0) -> None:
         session = self._live(session_id)
         if session is None:
             return
         if session.turn_states.get(turn_id) == _BEGUN:
             session.turn_states[turn_id] = _ENDED
-            self._quotas.add_tokens(session.user_id, tokens, self._clock())
+            now = self._clock()
+            self._quotas.add_tokens(session.user_id, tokens, now)
+            self._quotas.add_audio(session.user_id, audio_ms, now)
         if session.turn is None or session.turn.turn_id != turn_id:
             return
         session.turn = None
@@ -463,7 +501,9 @@ class MemorySessionStore:
 
     # -- internals
 
-    def _create(self, user_id: str, conversation_id: str, model: str, system_prompt: str, persona: str) -> _Session:
+    def _create(
+        self, user_id: str, conversation_id: str, model: str, system_prompt: str, persona: str, voice_options: bytes
+    ) -> _Session:
         now = self._clock()
         session = _Session(
             session_id=uuid.uuid4().hex,
@@ -474,6 +514,7 @@ class MemorySessionStore:
             persona=persona,
             created_at=now,
             expires_at=now + self._ttl,
+            voice_options=voice_options,
         )
         self._sessions[session.session_id] = session
         log.info("session %s opened for user %s", session.session_id, user_id)
