@@ -28,6 +28,7 @@ DEFAULT_TEST_SETTINGS = {
     "shutdown_grace_seconds": 0.0,
     "quota_messages_per_minute": 30,
     "quota_tokens_per_day": 1_000_000,
+    "quota_audio_seconds_per_day": 3600,
     "history_target": "",
     "session_end_retry_seconds": 0.1,
     "redis_url": None,

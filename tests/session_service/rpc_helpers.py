@@ -42,14 +42,19 @@ async def begin_turn(stub, session_id: str, turn_id: str = "t1", user_id: str = 
     return (await stub.BeginTurn(request, timeout=CALL_TIMEOUT)).last_seq
 
 
-async def end_turn(stub, session_id: str, turn_id: str = "t1", tokens: int = 0) -> None:
-    request = session_pb2.EndTurnRequest(session_id=session_id, turn_id=turn_id, tokens=tokens)
+async def end_turn(stub, session_id: str, turn_id: str = "t1", tokens: int = 0, audio_ms: int = 0) -> None:
+    request = session_pb2.EndTurnRequest(session_id=session_id, turn_id=turn_id, tokens=tokens, audio_ms=audio_ms)
     await stub.EndTurn(request, timeout=CALL_TIMEOUT)
 
 
 async def get_session(stub, session_id: str, user_id: str = OWNER) -> session_pb2.Session:
     request = session_pb2.GetSessionRequest(user_id=user_id, session_id=session_id)
     return (await stub.GetSession(request, timeout=CALL_TIMEOUT)).session
+
+
+async def update_session(stub, session_id: str, voice_options: bytes, user_id: str = OWNER) -> session_pb2.Session:
+    request = session_pb2.UpdateSessionRequest(user_id=user_id, session_id=session_id, voice_options=voice_options)
+    return (await stub.UpdateSession(request, timeout=CALL_TIMEOUT)).session
 
 
 def read_request(session_id: str, after_seq: int = 0, *, follow: bool = False, user_id: str = OWNER):

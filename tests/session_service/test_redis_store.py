@@ -1,13 +1,14 @@
 """RedisSessionStore as several replicas see it: two store instances (two replicas) on one Redis."""
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
 
 from duplex.common.errors import FailedPrecondition, NotFound, OutOfRange, ResourceExhausted, Unavailable
-from session_service.quota import QuotaLimits
+from session_service.quota import DAY_SECONDS, QuotaLimits
 from session_service.redis_store import MAX_FOLLOW_BLOCK_MS, RedisKeys, RedisSessionStore, connect, redact_url
 from session_service.session_end import HistoryRecorder
 from session_service.store import MAX_REMEMBERED_TURNS, EventBatch, LogEntry, TurnStart
@@ -262,6 +263,23 @@ async def test_the_token_quota_is_shared_and_counted_once_across_replicas(make_r
     assert (await a.get_session("alice", session_id)).active_turn_id == ""
 
 
+async def test_the_audio_quota_is_shared_and_counted_once_across_replicas(make_replica):
+    limits = QuotaLimits(audio_seconds_per_day=60)
+    a, b = await make_replica(quota_limits=limits), await make_replica(quota_limits=limits)
+    session_id = await new_session(a)
+    await a.begin_turn("alice", session_id, "t1", uses_audio=True)
+    await a.end_turn(session_id, "t1", audio_ms=40_000)
+    await b.end_turn(session_id, "t1", audio_ms=40_000)  # a retry that landed on the other replica
+    started = await b.begin_turn("alice", session_id, "t2", uses_audio=True)
+    assert started.quota.audio_seconds_remaining == 20
+
+    await b.end_turn(session_id, "t2", audio_ms=20_000)
+    with pytest.raises(ResourceExhausted) as refused:
+        await a.begin_turn("alice", session_id, "t3", uses_audio=True)
+    assert "audio quota" in refused.value.message and refused.value.retry_after > 0
+    assert (await a.begin_turn("alice", session_id, "t3")).quota.audio_seconds_remaining == 0
+
+
 # -- expiry and end records
 
 
@@ -309,6 +327,34 @@ async def test_session_keys_carry_the_session_ttl_and_go_with_it(make_replica, r
     assert await redis_client.zscore(expiries, session_id) is None
     # The log lingers a moment so blocked readers wake and see the session gone.
     assert 0 < await redis_client.pttl(log_key) <= 5000
+
+
+async def test_daily_counters_live_under_the_prefix_until_utc_midnight(make_replica, redis_client, redis_key_prefix):
+    store = await make_replica(quota_limits=QuotaLimits(tokens_per_day=100, audio_seconds_per_day=60))
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "t1", uses_audio=True)
+    await store.end_turn(session_id, "t1", tokens=7, audio_ms=1234)
+    keys = RedisKeys(redis_key_prefix)
+    assert keys.audio("alice") == f"{redis_key_prefix}quota:audio:alice"
+    assert await redis_client.hget(keys.tokens("alice"), "used") == b"7"
+    assert await redis_client.hget(keys.audio("alice"), "used") == b"1234"  # milliseconds
+    until_midnight_ms = (DAY_SECONDS - time.time() % DAY_SECONDS) * 1000
+    for key in (keys.tokens("alice"), keys.audio("alice")):
+        assert await redis_client.pttl(key) == pytest.approx(until_midnight_ms, abs=5000)
+
+
+async def test_a_session_written_before_voice_options_reads_them_as_empty(make_replica, redis_client, redis_key_prefix):
+    store = await make_replica()
+    info, _ = await store.open_session("alice", "", conversation_id="c", model="", system_prompt="", voice_options=b"v")
+    session_key = RedisKeys(redis_key_prefix).of_session(info.session_id)[0]
+    await redis_client.hdel(session_key, "voice")  # what an older replica wrote
+
+    assert (await store.get_session("alice", info.session_id)).voice_options == b""
+    reopened, _ = await store.open_session("alice", info.session_id, conversation_id="", model="", system_prompt="")
+    assert (reopened.voice_options, reopened.conversation_id) == (b"", "c")
+    updated = await store.update_session("alice", info.session_id, voice_options=b"\xff\x00")
+    assert updated.voice_options == b"\xff\x00"
+    assert await redis_client.hget(session_key, "voice") == b"\xff\x00"
 
 
 async def test_an_expired_session_takes_its_turn_keys_with_it(make_replica, redis_client, redis_key_prefix):

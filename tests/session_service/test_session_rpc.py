@@ -21,6 +21,7 @@ from tests.session_service.rpc_helpers import (
     read_batches,
     read_request,
     read_seqs,
+    update_session,
 )
 
 # -- OpenSession / GetSession / CloseSession
@@ -83,6 +84,7 @@ def stranger_calls(stub, session_id: str) -> list:
         lambda: begin_turn(stub, session_id, "x", user_id=STRANGER),
         lambda: stub.CloseSession(session_pb2.CloseSessionRequest(user_id=STRANGER, session_id=session_id)),
         lambda: read_batches(stub, read_request(session_id, user_id=STRANGER)),
+        lambda: update_session(stub, session_id, b"voice", user_id=STRANGER),
     ]
 
 
@@ -96,7 +98,7 @@ async def test_sessions_of_other_users_and_unknown_sessions_are_not_found(stub):
 
     # Nothing the stranger tried touched the owner's session.
     session = await get_session(stub, mine)
-    assert session.active_turn_id == "" and session.user_id == OWNER
+    assert session.active_turn_id == "" and session.user_id == OWNER and session.voice_options == b""
 
 
 async def test_get_session_reports_log_and_turn_state(stub):

@@ -181,8 +181,8 @@ async def test_the_active_turn_state_is_never_forgotten(store):
 # -- quotas, with the fake clock
 
 
-def quota_store(clock: FakeClock, messages: int = 0, tokens: int = 0) -> MemorySessionStore:
-    limits = QuotaLimits(messages_per_minute=messages, tokens_per_day=tokens)
+def quota_store(clock: FakeClock, messages: int = 0, tokens: int = 0, audio: int = 0) -> MemorySessionStore:
+    limits = QuotaLimits(messages_per_minute=messages, tokens_per_day=tokens, audio_seconds_per_day=audio)
     return MemorySessionStore(
         ttl_seconds=TTL, log_max_events=5, turn_lease_seconds=LEASE, quota_limits=limits, clock=clock
     )
@@ -232,3 +232,29 @@ async def test_a_retried_begin_turn_after_the_lease_ran_out_counts_nothing(clock
     started = await store.begin_turn("alice", session_id, "t1", owner="gw")
     assert started.quota.messages_remaining == 0
     assert (await store.get_session("alice", session_id)).active_turn_id == "t1"
+
+
+async def test_the_audio_count_starts_afresh_at_utc_midnight(clock):
+    clock.now = 20_000 * DAY_SECONDS - 10  # ten seconds before a UTC midnight
+    store = quota_store(clock, audio=60)
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "t1", uses_audio=True)
+    await store.end_turn(session_id, "t1", audio_ms=60_000)
+    with pytest.raises(ResourceExhausted) as refused:
+        await store.begin_turn("alice", session_id, "t2", uses_audio=True)
+    assert refused.value.retry_after == pytest.approx(10)
+
+    clock.advance(10)
+    started = await store.begin_turn("alice", session_id, "t2", uses_audio=True)
+    assert started.quota.audio_seconds_remaining == 60
+
+
+async def test_yesterdays_audio_is_forgotten(clock):
+    store = quota_store(clock, audio=60)
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "t1", uses_audio=True)
+    await store.end_turn(session_id, "t1", audio_ms=1000)
+    assert store._quotas._audio
+    clock.advance(DAY_SECONDS)
+    await store._housekeep()
+    assert not store._quotas._audio
