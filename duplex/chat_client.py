@@ -108,10 +108,7 @@ class TerminalChat:
                   file=sys.stderr, flush=True)
             self._end_turn()
         elif kind == "error":
-            error = event.error
-            retry = " (retryable)" if error.retryable else ""
-            print(f"\n[error {grpc.StatusCode(_code(error.code)).name}: {error.message}{retry}]",
-                  file=sys.stderr, flush=True)
+            print(f"\n{error_line(event.error)}", file=sys.stderr, flush=True)
             self.failed = True
             if self._turn_running or event.turn_id:
                 self._end_turn()
@@ -122,6 +119,11 @@ class TerminalChat:
     def _end_turn(self) -> None:
         self._turn_running = False
         self._turn_ended.set()
+
+
+def error_line(error: chat_pb2.ChatError) -> str:
+    retry = " (retryable)" if error.retryable else ""
+    return f"[error {grpc.StatusCode(_code(error.code)).name}: {error.message}{retry}]"
 
 
 def _code(number: int):

@@ -4,7 +4,7 @@ import argparse
 import asyncio
 import sys
 
-from duplex import chat_client, launcher
+from duplex import chat_client, launcher, voice_client
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +21,14 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--conversation", default="", help="continue this conversation id")
     chat.add_argument("--model", default="", help="model name (default: the server's)")
     chat.add_argument("--system", default="", help="system prompt for a new session")
+
+    voice = commands.add_parser("voice", help="speak a WAV recording to the assistant and save its spoken answer")
+    voice.add_argument("--wav", required=True, help="the question, a 16-bit PCM WAV file")
+    voice.add_argument("--out", default="answer.wav", help="where the answer's audio goes (default answer.wav)")
+    voice.add_argument("--target", default=None, help="gateway address (default: DUPLEX_GATEWAY_TARGET or :50051)")
+    voice.add_argument("--session", default="", help="re-attach to this session id")
+    voice.add_argument("--model", default="", help="model name (default: the server's)")
+    voice.add_argument("--voice", default="", help="the speaking voice (default: the speech model's)")
 
     token = commands.add_parser("token", help="mint a JWT for a user (needs DUPLEX_JWT_SECRET)")
     token.add_argument("--user", required=True, help="the user id (the token's subject)")
@@ -50,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             return migrate()
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "voice":
+            return asyncio.run(voice_client.run(args))
         return asyncio.run(chat_client.run(args))
     except KeyboardInterrupt:
         return 130

@@ -52,8 +52,9 @@ class GatewaySettings(ServiceSettings):
     voice_max_utterance_seconds: float = Field(60.0, gt=0)
     # An utterance (or a hands-free listener) with no audio for this long is dropped.
     voice_input_idle_seconds: float = Field(30.0, gt=0)
-    # Answer audio goes out paced to play-out time, this far ahead of it: the client's buffer stays
-    # short, so a barge-in stops speech that is still queued here, and the turn lasts as long as its speech.
+    # Answer audio goes out paced to play-out time, at most this far ahead of it, and a spoken turn ends
+    # once this much of its audio is left to play: the client's buffer stays short, a barge-in stops
+    # speech still queued here, and an interrupt finds the turn running while its speech plays.
     voice_audio_lead_ms: int = Field(1000, ge=0)
 
     # The browser edge (gateway/web): WebSocket chat, grpc-web, the web page and /healthz on one HTTP port

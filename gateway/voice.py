@@ -123,12 +123,14 @@ class Speaker:
         self._more.set()
 
     async def finish(self) -> None:
-        """No more text: wait until all of it is spoken and has had time to play."""
+        """No more text: wait until all of it is spoken and at most `lead` of it is left to play, so an
+        interrupt until then still finds the turn running."""
         self._no_more_text = True
         self._more.set()
         await asyncio.shield(self._reader)
         if self._first_audio_at is not None:
-            await asyncio.sleep(max(0.0, self._first_audio_at + self.audio_ms / 1000 - self._loop.time()))
+            played_out_at = self._first_audio_at + self.audio_ms / 1000 - self._lead
+            await asyncio.sleep(max(0.0, played_out_at - self._loop.time()))
 
     def played_ms(self) -> int:
         """The server's estimate of what the client has played: the time since the first audio went out."""

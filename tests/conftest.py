@@ -73,7 +73,8 @@ async def start_system(
     # Memory store (never a developer's Redis), unlimited quotas unless a test sets them.
     session = await create_session(SessionSettings(**{
         "session_listen": LOOPBACK_ANY_PORT, "history_target": f"127.0.0.1:{history.port}", "redis_url": None,
-        "quota_messages_per_minute": 0, "quota_tokens_per_day": 0, **(session_overrides or {}),
+        "quota_messages_per_minute": 0, "quota_tokens_per_day": 0, "quota_audio_seconds_per_day": 0,
+        **(session_overrides or {}),
     }))
     gateway_settings = GatewaySettings(
         gateway_listen=LOOPBACK_ANY_PORT,
