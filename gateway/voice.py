@@ -221,6 +221,8 @@ class Utterance:
     """What the voice input hands its turn: the final transcript, or why there is none."""
 
     client_message_id: str
+    # False while the id is the server's own; the client may still name the utterance in its commit.
+    named_by_client: bool = True
     started_at: float = field(default_factory=time.monotonic)
     audio_ms: int = 0
     _heard: asyncio.Future = field(default_factory=lambda: _retrieved(asyncio.get_running_loop().create_future()))
@@ -337,6 +339,9 @@ class VoiceInput:
             hearing = self._hearing
             if hearing is None:
                 raise FailedPrecondition("there is no audio to commit")
+            if client_message_id and hearing.utterance is not None and not hearing.utterance.named_by_client:
+                hearing.utterance.client_message_id = client_message_id
+                hearing.utterance.named_by_client = True
             utterance_id = self.utterance_id
             if is_server_vad(self.options):
                 await hearing.call.write(llm_pb2.TranscribeRequest(commit=llm_pb2.TranscribeCommit()))
@@ -391,7 +396,7 @@ class VoiceInput:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._settings.rpc_timeout_seconds):
                     await running.wait_finished()
-        utterance = Utterance(self._next_id or f"utterance-{uuid.uuid4().hex}")
+        utterance = Utterance(self._next_id or f"utterance-{uuid.uuid4().hex}", named_by_client=bool(self._next_id))
         self._next_id = ""
         hearing.turn = await self._begin_turn(utterance)
         hearing.utterance = utterance

@@ -23,7 +23,8 @@ SETTLE_SECONDS = 0.2
 TERMINAL = ("turnCompleted", "turnCancelled", "error")
 EVENT_KINDS = (
     "sessionOpened", "messageAccepted", "turnStarted", "delta", "toolCall", "toolResult", "turnCompleted",
-    "turnCancelled", "error", "pong", "quota",
+    "turnCancelled", "error", "pong", "quota", "speechStarted", "speechStopped", "transcript", "audio",
+    "sessionUpdated",
 )
 
 
