@@ -3,6 +3,10 @@
 Entries come from DUPLEX_LLM_MODELS (a JSON list) and DUPLEX_LLM_MODELS_FILE (a JSON file holding the
 same list); with OPENAI_API_KEY set, one more entry for OpenAI itself is added (DUPLEX_OPENAI_MODEL, at
 OPENAI_BASE_URL if set). Entries never hold keys, only the name of the environment variable holding one.
+
+An entry is a text model unless it says it transcribes (`/audio/transcriptions`, e.g. whisper-1 or
+gpt-4o-transcribe) or speaks (`/audio/speech`, e.g. gpt-4o-mini-tts, with its voices); a speech entry
+does not generate text unless it also says `"supports_generation": true`.
 """
 
 import os
@@ -10,10 +14,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, field_validator, model_validator
 
 from llm_service.providers.local import MODEL_NAME as LOCAL_MODEL_NAME
-from llm_service.providers.openai_provider import DEFAULT_BASE_URL, OpenAIModel
+from llm_service.providers.local_speech import MODEL_NAMES as LOCAL_SPEECH_MODEL_NAMES
+from llm_service.providers.openai_provider import DEFAULT_BASE_URL, OPENAI_PCM_SAMPLE_RATE, OpenAIModel
+
+BUILT_IN_MODELS = (LOCAL_MODEL_NAME, *LOCAL_SPEECH_MODEL_NAMES)
 
 # Sent to endpoints that need no key (a local vLLM or Ollama): the SDK insists on some key.
 NO_KEY = "no-key"
@@ -43,13 +50,37 @@ class ModelEntry(BaseModel):
     supports_embeddings: bool = False
     # OpenAI's reasoning models only accept "max_completion_tokens"; many other servers only "max_tokens".
     max_tokens_parameter: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    # Whether Generate works with it; unset: unless it is a speech model (it transcribes or speaks).
+    supports_generation: bool | None = None
+    # Transcribe: the endpoint's /audio/transcriptions; with transcription_stream its text streams
+    # (stream=true: gpt-4o-transcribe and gpt-4o-mini-transcribe do, whisper-1 does not), which gives
+    # interim results.
+    supports_transcription: bool = False
+    transcription_stream: bool = False
+    # Synthesize: the endpoint's /audio/speech, its voices (the first is the default; a speech model
+    # needs at least one), and the rate of its "pcm" audio (OpenAI's is 24 kHz 16-bit mono).
+    supports_speech: bool = False
+    voices: tuple[str, ...] = ()
+    speech_sample_rate: int = Field(default=OPENAI_PCM_SAMPLE_RATE, ge=8000, le=48000)
 
     @field_validator("name")
     @classmethod
     def _not_the_demo(cls, name: str) -> str:
-        if name == LOCAL_MODEL_NAME:
-            raise ValueError(f"{LOCAL_MODEL_NAME} is built in and cannot be configured")
+        if name in BUILT_IN_MODELS:
+            raise ValueError(f"{name} is built in and cannot be configured")
         return name
+
+    @model_validator(mode="after")
+    def _speech_needs_voices(self) -> "ModelEntry":
+        if self.supports_speech and not self.voices:
+            raise ValueError("a speech model needs its voices (the first is its default), e.g. [\"alloy\"]")
+        return self
+
+    @property
+    def generates(self) -> bool:
+        if self.supports_generation is not None:
+            return self.supports_generation
+        return not (self.supports_transcription or self.supports_speech)
 
     @field_validator("base_url")
     @classmethod
@@ -102,6 +133,12 @@ def resolve_models(entries: Sequence[ModelEntry], environ: Mapping[str, str] = o
             supports_embeddings=entry.supports_embeddings,
             fallbacks=entry.fallbacks,
             max_tokens_parameter=entry.max_tokens_parameter,
+            supports_generation=entry.generates,
+            supports_transcription=entry.supports_transcription,
+            transcription_stream=entry.transcription_stream,
+            supports_speech=entry.supports_speech,
+            voices=entry.voices,
+            speech_sample_rate=entry.speech_sample_rate,
         )
         for entry in entries
     ]

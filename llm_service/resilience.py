@@ -10,6 +10,10 @@ decides what happens next:
   becomes Unavailable, which is retryable, so the caller can keep the partial text and offer a retry;
 - everything happens within the call's deadline: each attempt gets what remains of it, no backoff
   sleeps past it, and when it passes the upstream request is closed and DeadlineExceeded raised.
+
+Speech follows the same rules per call: a Transcribe or Synthesize call retries and falls back until it
+has sent its first transcript or audio chunk (`retry=True`); after that each upstream request gets one
+attempt, and its failure is Unavailable.
 """
 
 import asyncio
@@ -20,10 +24,12 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass, replace
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from duplex.common.errors import DeadlineExceeded, DuplexError, ResourceExhausted, Unavailable
 from llm_service.providers.base import (
+    AnyProvider,
+    Capability,
     Chunk,
     EmbeddingRequest,
     Embeddings,
@@ -31,13 +37,19 @@ from llm_service.providers.base import (
     ModelDescription,
     Provider,
     ProviderRegistry,
+    SpeechProvider,
+    SpeechRequest,
     Started,
     StreamItem,
+    TranscriptDone,
+    TranscriptionProvider,
+    TranscriptionRequest,
 )
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Item = TypeVar("Item")
 
 # The errors worth another attempt: the upstream may well answer a moment later.
 TRANSIENT_ERRORS = (ResourceExhausted, Unavailable)
@@ -107,6 +119,17 @@ class OpenedReply:
     head: list[StreamItem]
 
 
+@dataclass(slots=True)
+class OpenedStream:
+    """A speech stream that has produced its first item (None: it ended without one), and who answers."""
+
+    model: ModelDescription
+    stream: AsyncGenerator[Any, None]
+    head: Any
+    # For speech: the voice that speaks (the fallback's default when it lacks the one asked for).
+    voice: str = ""
+
+
 class ModelRouter:
     """Runs generations and embeddings against the registry's providers, with retries and fallbacks."""
 
@@ -122,8 +145,17 @@ class ModelRouter:
     def models(self) -> list[ModelDescription]:
         return self._registry.models()
 
-    def resolve(self, model: str) -> ModelDescription:
-        return self._registry.resolve(model)[0]
+    @property
+    def default_transcription_model(self) -> str:
+        return self._registry.default_transcription_model
+
+    @property
+    def default_speech_model(self) -> str:
+        return self._registry.default_speech_model
+
+    def resolve(self, model: str, capability: Capability = Capability.GENERATION) -> ModelDescription:
+        """The model a request names (its capability's default when empty), checked to be able to do it."""
+        return self._registry.resolve_for(model, capability)[0]
 
     async def generate(self, request: GenerationRequest, deadline: Deadline) -> AsyncGenerator[StreamItem, None]:
         """The reply of request.model or of one of its fallbacks; Started names the model that answers."""
@@ -143,9 +175,7 @@ class ModelRouter:
                     # Part of the reply is out and a retry would repeat it: no retry here, but a
                     # retryable error, so the caller can keep the partial text and offer to try again.
                     log.warning("the reply of model %s broke off: %s", model, error.message)
-                    if isinstance(error, Unavailable):
-                        raise
-                    raise Unavailable(error.message) from None
+                    raise as_unavailable(error) from None
                 yield item
 
     async def embed(self, model: str, inputs: tuple[str, ...], deadline: Deadline) -> tuple[str, Embeddings]:
@@ -161,19 +191,119 @@ class ModelRouter:
 
         return description.name, await self._with_retries(description.name, attempt, deadline)
 
+    async def open_transcription(
+        self, request: TranscriptionRequest, deadline: Deadline, *, retry: bool
+    ) -> OpenedStream:
+        """The transcription of an utterance by request.model or, with `retry`, one of its fallbacks, read
+        up to its first item; without `retry`, one attempt whose failure is Unavailable."""
+        requested, _ = self._registry.resolve_transcription(request.model)
+
+        async def attempt(model: ModelDescription, provider: AnyProvider) -> OpenedStream:
+            transcriber = cast(TranscriptionProvider, provider)
+            stream = transcriber.transcribe(replace(request, model=model.name, timeout=deadline.remaining()))
+            return await self._open_stream(model, stream, deadline)
+
+        return await self._first_answer(requested, attempt, deadline, retry=retry)
+
+    async def open_speech(self, request: SpeechRequest, deadline: Deadline, *, retry: bool) -> OpenedStream:
+        """The speech of a sentence by request.model or, with `retry`, one of its fallbacks, read up to its
+        first SpeechAudio; without `retry`, one attempt whose failure is Unavailable."""
+        requested, _ = self._registry.resolve_speech(request.model)
+
+        async def attempt(model: ModelDescription, provider: AnyProvider) -> OpenedStream:
+            voice = request.voice if not model.voices or request.voice in model.voices else model.voices[0]
+            speaker = cast(SpeechProvider, provider)
+            stream = speaker.synthesize(replace(request, model=model.name, voice=voice, timeout=deadline.remaining()))
+            opened = await self._open_stream(model, stream, deadline)
+            opened.voice = voice
+            return opened
+
+        return await self._first_answer(requested, attempt, deadline, retry=retry)
+
+    async def follow(self, opened: OpenedStream, deadline: Deadline) -> AsyncGenerator[Any, None]:
+        """The items of an opened speech stream, its head first; a failure on the way is Unavailable."""
+        async with aclosing(opened.stream) as stream:
+            if opened.head is None:
+                return
+            yield opened.head
+            while True:
+                try:
+                    item = await deadline.run(anext(stream), f"model '{opened.model.name}'")
+                except StopAsyncIteration:
+                    return
+                except DeadlineExceeded:
+                    raise
+                except DuplexError as error:
+                    log.warning("the speech stream of model %s broke off: %s", opened.model.name, error.message)
+                    raise as_unavailable(error) from None
+                yield item
+
+    async def interim_transcript(self, request: TranscriptionRequest, deadline: Deadline) -> str | None:
+        """A best-effort transcript of the utterance so far: one attempt, on request.model only; None when
+        its engine is busy or it fails (an interim result is never worth a retry or an error)."""
+        _, provider = self._registry.resolve_transcription(request.model)
+        stream = provider.transcribe(replace(request, best_effort=True, timeout=deadline.remaining()))
+        text = None
+        try:
+            async with aclosing(stream) as items:
+                async for item in items:
+                    if isinstance(item, TranscriptDone):
+                        text = item.text
+        except DuplexError as error:
+            log.info("an interim transcript of model %s failed: %s", request.model, error.message)
+            return None
+        return text
+
     async def _open_with_fallbacks(self, request: GenerationRequest, deadline: Deadline) -> OpenedReply:
-        requested, _ = self._registry.resolve(request.model)
+        requested, _ = self._registry.resolve_generation(request.model)
+
+        async def attempt(model: ModelDescription, provider: AnyProvider) -> OpenedReply:
+            return await self._open(model, cast(Provider, provider), request, deadline)
+
+        return await self._first_answer(requested, attempt, deadline, retry=True)
+
+    async def _first_answer(
+        self,
+        requested: ModelDescription,
+        attempt: Callable[[ModelDescription, AnyProvider], Awaitable[T]],
+        deadline: Deadline,
+        *,
+        retry: bool,
+    ) -> T:
+        """The first model of requested's chain (itself, then its fallbacks) that answers, each retried;
+        without `retry` only the model itself, once."""
+        if not retry:
+            _, provider = self._registry.resolve(requested.name)
+            try:
+                return await attempt(requested, provider)
+            except DeadlineExceeded:
+                raise
+            except DuplexError as error:
+                log.warning("model %s failed after the call's first output: %s", requested.name, error.message)
+                raise as_unavailable(error) from None
         chain = (requested.name, *requested.fallbacks)
         for position, name in enumerate(chain):
             model, provider = self._registry.resolve(name)
             try:
-                attempt = partial(self._open, model, provider, request, deadline)
-                return await self._with_retries(name, attempt, deadline)
+                return await self._with_retries(name, partial(attempt, model, provider), deadline)
             except TRANSIENT_ERRORS as error:
                 if position + 1 == len(chain) or deadline.expired:
                     raise
                 log.warning("model %s is unavailable (%s); trying %s", name, error.message, chain[position + 1])
         raise AssertionError("unreachable: the chain is never empty")
+
+    async def _open_stream(
+        self, model: ModelDescription, stream: AsyncGenerator[Item, None], deadline: Deadline
+    ) -> OpenedStream:
+        """One attempt at a speech stream: read its first item (closing it if that fails)."""
+        try:
+            head = await deadline.run(anext(stream), f"model '{model.name}'")
+        except StopAsyncIteration:
+            return OpenedStream(model, stream, None)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return OpenedStream(model, stream, head)
 
     async def _open(
         self, model: ModelDescription, provider: Provider, request: GenerationRequest, deadline: Deadline
@@ -220,3 +350,8 @@ class ModelRouter:
                     raise
                 log.warning("model %s, attempt %d: %s; retrying in %.2fs", model, attempts_made, error.message, delay)
                 await asyncio.sleep(delay)
+
+
+def as_unavailable(error: DuplexError) -> Unavailable:
+    """The error of an upstream that failed after part of the answer was out: retryable by the caller."""
+    return error if isinstance(error, Unavailable) else Unavailable(error.message)

@@ -1,7 +1,8 @@
 """`duplex.llm.v1.LlmService`: validates requests, routes them to a provider, streams its reply back.
 
-The only place that knows both the protos and the provider dataclasses. Errors are raised as
-duplex.common.errors exceptions; the server's ErrorInterceptor turns them into statuses.
+The only place that knows both the protos and the provider dataclasses (and the speech sessions' own).
+Errors are raised as duplex.common.errors exceptions; the server's ErrorInterceptor turns them into
+statuses.
 """
 
 import json
@@ -14,8 +15,11 @@ import grpc
 
 from duplex.common.errors import Internal, InvalidArgument
 from duplex.llm.v1 import llm_pb2, llm_pb2_grpc
+from llm_service.audio import OPUS_SAMPLE_RATES, AudioEncoding, check_sample_rate
 from llm_service.coalescing import coalesce_chunks
 from llm_service.providers.base import (
+    TRANSCRIPTION_SAMPLE_RATE,
+    Capability,
     ChatMessage,
     Chunk,
     Finished,
@@ -30,6 +34,26 @@ from llm_service.providers.base import (
     ToolDefinition,
 )
 from llm_service.resilience import Deadline, ModelRouter
+from llm_service.synthesis import (
+    AudioChunkEvent,
+    SynthesisFinishedEvent,
+    SynthesisSession,
+    SynthesisSetup,
+    SynthesisStartedEvent,
+    SynthesizeEvent,
+)
+from llm_service.transcription import (
+    AudioInput,
+    CommitInput,
+    SpeechLimits,
+    SpeechStartedEvent,
+    SpeechStoppedEvent,
+    TranscribeEvent,
+    TranscribeInput,
+    TranscriptionSession,
+    TranscriptionSetup,
+)
+from llm_service.vad import VadPool
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +63,7 @@ MAX_PROMPT_CHARS = 1_000_000
 MAX_EMBED_INPUTS = 2048
 MAX_TOOLS = 128
 TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+LANGUAGE = re.compile(r"[a-z]{2,3}")
 
 ROLES = {
     llm_pb2.ROLE_SYSTEM: Role.SYSTEM,
@@ -46,6 +71,20 @@ ROLES = {
     llm_pb2.ROLE_ASSISTANT: Role.ASSISTANT,
     llm_pb2.ROLE_TOOL: Role.TOOL,
 }
+ENCODINGS = {
+    llm_pb2.AUDIO_ENCODING_UNSPECIFIED: AudioEncoding.PCM16,
+    llm_pb2.AUDIO_ENCODING_PCM16: AudioEncoding.PCM16,
+    llm_pb2.AUDIO_ENCODING_WAV: AudioEncoding.WAV,
+    llm_pb2.AUDIO_ENCODING_WEBM_OPUS: AudioEncoding.WEBM_OPUS,
+    llm_pb2.AUDIO_ENCODING_OGG_OPUS: AudioEncoding.OGG_OPUS,
+}
+PROTO_ENCODINGS = {
+    AudioEncoding.PCM16: llm_pb2.AUDIO_ENCODING_PCM16,
+    AudioEncoding.WAV: llm_pb2.AUDIO_ENCODING_WAV,
+    AudioEncoding.WEBM_OPUS: llm_pb2.AUDIO_ENCODING_WEBM_OPUS,
+    AudioEncoding.OGG_OPUS: llm_pb2.AUDIO_ENCODING_OGG_OPUS,
+}
+SPEECH_OUTPUT_ENCODINGS = (AudioEncoding.PCM16, AudioEncoding.WAV, AudioEncoding.OGG_OPUS)
 FINISH_REASONS = {
     FinishReason.STOP: llm_pb2.FINISH_REASON_STOP,
     FinishReason.LENGTH: llm_pb2.FINISH_REASON_LENGTH,
@@ -55,9 +94,17 @@ FINISH_REASONS = {
 
 
 class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
-    def __init__(self, router: ModelRouter, coalesce_window_seconds: float = 0.0):
+    def __init__(
+        self,
+        router: ModelRouter,
+        coalesce_window_seconds: float = 0.0,
+        speech_limits: SpeechLimits | None = None,
+        vad_pool: VadPool | None = None,
+    ):
         self._router = router
         self._coalesce_window_seconds = coalesce_window_seconds
+        self._speech_limits = speech_limits or SpeechLimits()
+        self._vad_pool = vad_pool or VadPool()
 
     async def Generate(
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -82,7 +129,80 @@ class LlmServicer(llm_pb2_grpc.LlmServiceServicer):
         self, request: llm_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> llm_pb2.ListModelsResponse:
         models = [to_model_info(model) for model in self._router.models()]
-        return llm_pb2.ListModelsResponse(models=models, default_model=self._router.default_model)
+        return llm_pb2.ListModelsResponse(
+            models=models,
+            default_model=self._router.default_model,
+            default_transcription_model=self._router.default_transcription_model,
+            default_speech_model=self._router.default_speech_model,
+        )
+
+    async def Transcribe(
+        self, request_iterator: AsyncIterator[llm_pb2.TranscribeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[llm_pb2.TranscribeResponse]:
+        requests = aiter(request_iterator)
+        first = await first_request(requests, "TranscribeRequest")
+        setup = self._transcription_setup(first.config)
+        yield llm_pb2.TranscribeResponse(started=llm_pb2.TranscribeStarted(model=setup.model.name))
+        session = TranscriptionSession(
+            self._router, setup, self._speech_limits, self._vad_pool, Deadline(context.time_remaining())
+        )
+        # aclosing: however the call ends, the session's workers and the provider's upstream stop then.
+        async with aclosing(session.run(transcribe_inputs(requests, self._speech_limits))) as events:
+            async for event in events:
+                yield to_transcribe_response(event)
+
+    async def Synthesize(
+        self, request_iterator: AsyncIterator[llm_pb2.SynthesizeRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[llm_pb2.SynthesizeResponse]:
+        requests = aiter(request_iterator)
+        first = await first_request(requests, "SynthesizeRequest")
+        setup = self._synthesis_setup(first.config)
+        session = SynthesisSession(self._router, setup, Deadline(context.time_remaining()))
+        async with aclosing(session.run(synthesize_texts(requests))) as events:
+            async for event in events:
+                yield to_synthesize_response(event)
+
+    def _transcription_setup(self, config: llm_pb2.TranscribeConfig) -> TranscriptionSetup:
+        model = self._router.resolve(config.model, Capability.TRANSCRIPTION)
+        encoding = to_encoding(config.format.encoding, "format.encoding")
+        sample_rate = config.format.sample_rate_hz or TRANSCRIPTION_SAMPLE_RATE
+        check_sample_rate(sample_rate, "format.sample_rate_hz")
+        language = config.language.strip().lower()
+        if language and not LANGUAGE.fullmatch(language):
+            raise InvalidArgument(f"language {config.language!r} is not an ISO 639-1 code such as 'en'")
+        if language and model.languages and language not in model.languages:
+            raise InvalidArgument(f"model '{model.name}' transcribes {', '.join(model.languages)} only")
+        if config.turn_detection not in TURN_DETECTIONS:
+            raise InvalidArgument(f"turn_detection {config.turn_detection} is not a known TurnDetection")
+        server_vad = config.turn_detection == llm_pb2.TURN_DETECTION_SERVER_VAD
+        if server_vad and encoding != AudioEncoding.PCM16:
+            raise InvalidArgument("server VAD needs PCM16 audio; send PCM16, or commit each utterance yourself")
+        return TranscriptionSetup(
+            model=model,
+            encoding=encoding,
+            sample_rate=sample_rate,
+            language=language,
+            server_vad=server_vad,
+            interim=config.interim_results,
+        )
+
+    def _synthesis_setup(self, config: llm_pb2.SynthesizeConfig) -> SynthesisSetup:
+        model = self._router.resolve(config.model, Capability.SPEECH)
+        voice = config.voice or (model.voices[0] if model.voices else "")
+        if not voice:
+            raise InvalidArgument(f"model '{model.name}' lists no voices: name one in voice")
+        if model.voices and voice not in model.voices:
+            raise InvalidArgument(f"model '{model.name}' has no voice '{voice}'; it has {', '.join(model.voices)}")
+        encoding = to_encoding(config.format.encoding, "format.encoding")
+        if encoding not in SPEECH_OUTPUT_ENCODINGS:
+            raise InvalidArgument("Synthesize speaks PCM16, WAV or Ogg Opus, not WebM Opus")
+        sample_rate = config.format.sample_rate_hz
+        if sample_rate:
+            check_sample_rate(sample_rate, "format.sample_rate_hz")
+            if encoding == AudioEncoding.OGG_OPUS and sample_rate not in OPUS_SAMPLE_RATES:
+                rates = ", ".join(str(rate) for rate in OPUS_SAMPLE_RATES)
+                raise InvalidArgument(f"Ogg Opus takes a sample rate of {rates} Hz, not {sample_rate}")
+        return SynthesisSetup(model=model, voice=voice, encoding=encoding, sample_rate=sample_rate)
 
     async def Embed(self, request: llm_pb2.EmbedRequest, context: grpc.aio.ServicerContext) -> llm_pb2.EmbedResponse:
         inputs = check_embed_inputs(request.inputs)
@@ -210,6 +330,98 @@ def to_model_info(model: ModelDescription) -> llm_pb2.ModelInfo:
         description=model.description,
         supports_tools=model.supports_tools,
         supports_embeddings=model.supports_embeddings,
+        supports_transcription=model.supports_transcription,
+        supports_speech=model.supports_speech,
+        voices=model.voices,
+        supports_generation=model.supports_generation,
+    )
+
+
+async def first_request(requests: AsyncIterator, name: str):
+    """The call's first message, which must be its config."""
+    try:
+        first = await anext(requests)
+    except StopAsyncIteration:
+        raise InvalidArgument(f"the call ended before its config: the first {name} must carry config") from None
+    if first.WhichOneof("kind") != "config":
+        raise InvalidArgument(f"the first {name} must carry config")
+    return first
+
+
+def to_encoding(value: int, field: str) -> AudioEncoding:
+    encoding = ENCODINGS.get(value)
+    if encoding is None:
+        raise InvalidArgument(f"{field} {value} is not a known AudioEncoding")
+    return encoding
+
+
+TURN_DETECTIONS = (
+    llm_pb2.TURN_DETECTION_UNSPECIFIED,
+    llm_pb2.TURN_DETECTION_MANUAL,
+    llm_pb2.TURN_DETECTION_SERVER_VAD,
+)
+
+
+async def transcribe_inputs(
+    requests: AsyncIterator[llm_pb2.TranscribeRequest], limits: SpeechLimits
+) -> AsyncIterator[TranscribeInput]:
+    async for request in requests:
+        kind = request.WhichOneof("kind")
+        if kind == "audio":
+            if len(request.audio) > limits.max_audio_message_bytes:
+                raise InvalidArgument(
+                    f"an audio message holds {len(request.audio)} bytes; the limit is "
+                    f"{limits.max_audio_message_bytes}: send smaller pieces"
+                )
+            if request.audio:
+                yield AudioInput(request.audio)
+        elif kind == "commit":
+            yield CommitInput()
+        elif kind == "config":
+            raise InvalidArgument("config comes once, in the first TranscribeRequest")
+        else:
+            raise InvalidArgument("a TranscribeRequest must carry config, audio or commit")
+
+
+async def synthesize_texts(requests: AsyncIterator[llm_pb2.SynthesizeRequest]) -> AsyncIterator[str]:
+    async for request in requests:
+        kind = request.WhichOneof("kind")
+        if kind == "text":
+            if request.text:
+                yield request.text
+        elif kind == "config":
+            raise InvalidArgument("config comes once, in the first SynthesizeRequest")
+        else:
+            raise InvalidArgument("a SynthesizeRequest must carry config or text")
+
+
+def to_transcribe_response(event: TranscribeEvent) -> llm_pb2.TranscribeResponse:
+    if isinstance(event, SpeechStartedEvent):
+        return llm_pb2.TranscribeResponse(speech_started=llm_pb2.SpeechStarted(audio_ms=event.audio_ms))
+    if isinstance(event, SpeechStoppedEvent):
+        return llm_pb2.TranscribeResponse(speech_stopped=llm_pb2.SpeechStopped(audio_ms=event.audio_ms))
+    return llm_pb2.TranscribeResponse(
+        transcript=llm_pb2.Transcript(
+            text=event.text, final=event.final, audio_ms=event.audio_ms, utterance=event.utterance
+        )
+    )
+
+
+def to_synthesize_response(event: SynthesizeEvent) -> llm_pb2.SynthesizeResponse:
+    if isinstance(event, SynthesisStartedEvent):
+        audio_format = llm_pb2.AudioFormat(encoding=PROTO_ENCODINGS[event.encoding], sample_rate_hz=event.sample_rate)
+        return llm_pb2.SynthesizeResponse(
+            started=llm_pb2.SynthesizeStarted(model=event.model, voice=event.voice, format=audio_format)
+        )
+    if isinstance(event, AudioChunkEvent):
+        return llm_pb2.SynthesizeResponse(
+            audio=llm_pb2.AudioChunk(
+                data=event.data, duration_ms=event.duration_ms, text_start=event.text_start, text_end=event.text_end
+            )
+        )
+    assert isinstance(event, SynthesisFinishedEvent)
+    return llm_pb2.SynthesizeResponse(
+        finished=llm_pb2.SynthesizeFinished(audio_ms=event.audio_ms, characters=event.characters)
     )
 
 

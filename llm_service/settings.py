@@ -17,8 +17,10 @@ from llm_service.catalogue import (
     resolve_models,
 )
 from llm_service.providers.local import MODEL_NAME as LOCAL_MODEL_NAME
+from llm_service.providers.local_speech import PIPER_MODEL, WHISPER_MODEL
 from llm_service.providers.openai_provider import OpenAIModel
 from llm_service.resilience import RetryPolicy
+from llm_service.transcription import MIB, SpeechLimits
 
 
 class LlmSettings(ServiceSettings):
@@ -31,6 +33,10 @@ class LlmSettings(ServiceSettings):
     default_model: str = ""
     # The model Embed uses when a request names none; empty: local-demo.
     default_embedding_model: str = ""
+    # The models Transcribe and Synthesize use when a request names none. They stay the offline engines
+    # even with OPENAI_API_KEY set (that key only adds a text model): name a catalogue entry to change it.
+    default_transcription_model: str = WHISPER_MODEL
+    default_speech_model: str = PIPER_MODEL
     # Pace of the built-in demo model, so streaming looks like a real model; 0 streams without pausing.
     local_tokens_per_second: float = Field(default=30.0, ge=0)
     # The demo pads its reply to at least this many tokens, so there is a stream worth watching.
@@ -57,6 +63,23 @@ class LlmSettings(ServiceSettings):
     # 50 ms a reader sees 20 updates a second, and a 50 tokens/s stream needs a third of the messages.
     llm_coalesce_window_ms: float = Field(default=50.0, ge=0)
 
+    # The offline speech engines (local-whisper, local-piper): engine jobs at once in this process, the
+    # threads each job uses, and whether `python -m llm_service` loads them before it reports SERVING
+    # (otherwise the first call that needs one waits for it to load, about a second).
+    speech_max_concurrency: int = Field(default=2, ge=1, le=16)
+    speech_threads: int = Field(default=1, ge=1, le=16)
+    speech_preload: bool = True
+    # Transcribe: server VAD ends an utterance after this much silence (OpenAI's default), an utterance
+    # may last this long and hold this many bytes (server VAD cuts it there instead), and one audio
+    # message may hold this many bytes (gRPC itself refuses messages over 4 MiB).
+    speech_vad_silence_ms: int = Field(default=500, ge=100, le=10_000)
+    speech_max_utterance_seconds: float = Field(default=60.0, gt=0, le=600)
+    speech_max_utterance_bytes: int = Field(default=8 * MIB, ge=1024)
+    speech_max_audio_message_bytes: int = Field(default=1 * MIB, ge=1024, le=4 * MIB - 1024)
+    # Interim results of models that cannot stream them: the utterance so far is transcribed again
+    # after this much more speech, when the engine is idle.
+    speech_interim_interval_ms: int = Field(default=1000, ge=100)
+
     @property
     def openai_key_is_set(self) -> bool:
         return bool(self.openai_api_key and self.openai_api_key.get_secret_value().strip())
@@ -82,6 +105,15 @@ class LlmSettings(ServiceSettings):
 
     def resolved_default_embedding_model(self) -> str:
         return self.default_embedding_model or LOCAL_MODEL_NAME
+
+    def speech_limits(self) -> SpeechLimits:
+        return SpeechLimits(
+            max_utterance_seconds=self.speech_max_utterance_seconds,
+            max_utterance_bytes=self.speech_max_utterance_bytes,
+            max_audio_message_bytes=self.speech_max_audio_message_bytes,
+            vad_silence_ms=self.speech_vad_silence_ms,
+            interim_interval_seconds=self.speech_interim_interval_ms / 1000,
+        )
 
     def retry_policy(self) -> RetryPolicy:
         return RetryPolicy(

@@ -1,8 +1,10 @@
 """`openai`: models behind any OpenAI-compatible HTTP API, through the official `openai` SDK.
 
 OpenAI itself, vLLM, Ollama, llama.cpp, LiteLLM, Gemini's OpenAI endpoint... anything that speaks
-`/chat/completions` with server-sent events. One AsyncOpenAI client per (base URL, key), shared by the
-models that use them and closed with the provider.
+`/chat/completions` with server-sent events; speech models use `/audio/transcriptions` (the utterance
+as a WAV file; its text streamed as `transcript.text.delta` events where the model can) and
+`/audio/speech` (raw "pcm" audio, read as it streams). One AsyncOpenAI client per (base URL, key), shared
+by the models that use them and closed with the provider.
 
 Each call is exactly one upstream attempt (the SDK's own retries are off): retries, fallbacks and the
 deadline belong to llm_service.resilience. Failures become duplex errors whose messages never hold the
@@ -10,6 +12,7 @@ API key, the base URL or the upstream's raw answer to a rejected key.
 """
 
 import logging
+import ssl
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -17,11 +20,15 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
+import anyio
+import httpx2
 import openai
 from pydantic import SecretStr
 
 from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from llm_service.audio import wav_file
 from llm_service.providers.base import (
+    PCM_SAMPLE_BYTES,
     ChatMessage,
     Chunk,
     EmbeddingRequest,
@@ -29,19 +36,31 @@ from llm_service.providers.base import (
     Finished,
     FinishReason,
     GenerationRequest,
+    InterimTranscripts,
     ModelDescription,
     Role,
+    SpeechAudio,
+    SpeechRequest,
     Started,
     StreamItem,
     ToolCall,
     ToolCallItem,
     ToolDefinition,
+    TranscriptDelta,
+    TranscriptDone,
+    TranscriptionRequest,
+    TranscriptItem,
 )
 
 log = logging.getLogger(__name__)
 
 PROVIDER_NAME = "openai"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# OpenAI's "pcm" speech: 24 kHz, signed 16-bit little-endian, mono, no header.
+OPENAI_PCM_SAMPLE_RATE = 24000
+# Errors of the HTTP client while a streamed speech body is read (the SDK maps these for its own streams).
+READ_TIMEOUT_ERRORS = (httpx2.TimeoutException,)
+READ_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)
 # Upstream error texts quoted in our messages are cut to this length.
 UPSTREAM_MESSAGE_MAX_CHARS = 200
 # Connecting should never take long; waiting for tokens may.
@@ -69,6 +88,14 @@ class OpenAIModel:
     fallbacks: tuple[str, ...] = ()
     # OpenAI's reasoning models only accept max_completion_tokens; many compatible servers only max_tokens.
     max_tokens_parameter: Literal["max_tokens", "max_completion_tokens"] = "max_tokens"
+    supports_generation: bool = True
+    supports_transcription: bool = False
+    # Its transcriptions can stream (stream=true), which gives interim results.
+    transcription_stream: bool = False
+    supports_speech: bool = False
+    voices: tuple[str, ...] = ()
+    # The rate of its "pcm" speech.
+    speech_sample_rate: int = OPENAI_PCM_SAMPLE_RATE
 
     @property
     def client_key(self) -> tuple[str, str]:
@@ -109,6 +136,14 @@ class OpenAIProvider:
                 supports_tools=model.supports_tools,
                 supports_embeddings=model.supports_embeddings,
                 fallbacks=model.fallbacks,
+                supports_generation=model.supports_generation,
+                supports_transcription=model.supports_transcription,
+                interim_transcripts=(
+                    InterimTranscripts.STREAMED if model.transcription_stream else InterimTranscripts.NONE
+                ),
+                supports_speech=model.supports_speech,
+                voices=model.voices,
+                speech_sample_rate=model.speech_sample_rate if model.supports_speech else 0,
             )
             for model in self._models.values()
         ]
@@ -187,6 +222,77 @@ class OpenAIProvider:
             prompt_tokens=response.usage.prompt_tokens if response.usage else 0,
         )
 
+    async def transcribe(self, request: TranscriptionRequest) -> AsyncGenerator[TranscriptItem, None]:
+        model = self._models[request.model]
+        stream = request.stream and model.transcription_stream
+        arguments: dict[str, Any] = {
+            "model": model.upstream_model,
+            "file": ("utterance.wav", wav_file(request.pcm16, request.sample_rate), "audio/wav"),
+            "response_format": "json",
+            "timeout": self._timeout(request.timeout),
+        }
+        if request.language:
+            arguments["language"] = request.language
+        try:
+            if not stream:
+                transcription = await self._client(model).audio.transcriptions.create(**arguments)
+                yield TranscriptDone(transcription.text)
+                return
+            events = await self._client(model).audio.transcriptions.create(**arguments, stream=True)
+        except openai.OpenAIError as error:
+            raise self._domain_error(error, model.name) from None
+        # Closed however the transcription ends, as the chat stream is.
+        try:
+            async with aclosing(self._read_transcript(model, events)) as items:
+                async for item in items:
+                    yield item
+        except openai.OpenAIError as error:
+            raise self._domain_error(error, model.name) from None
+        finally:
+            await events.close()
+
+    @staticmethod
+    async def _read_transcript(model: OpenAIModel, events: openai.AsyncStream) -> AsyncGenerator[TranscriptItem, None]:
+        async for event in events:
+            kind = getattr(event, "type", "")
+            if kind == "transcript.text.delta" and event.delta:
+                yield TranscriptDelta(event.delta)
+            elif kind == "transcript.text.done":
+                yield TranscriptDone(event.text)
+                return
+        raise Unavailable(f"model '{model.name}' stopped before finishing its transcript")
+
+    async def synthesize(self, request: SpeechRequest) -> AsyncGenerator[SpeechAudio, None]:
+        model = self._models[request.model]
+        speech = self._client(model).audio.speech.with_streaming_response.create(
+            model=model.upstream_model,
+            voice=request.voice,
+            input=request.text,
+            response_format="pcm",
+            timeout=self._timeout(request.timeout),
+        )
+        # The response is closed when the block is left, however that happens (finished, failed, the
+        # caller closing this generator because the client went away): the upstream sees it at once.
+        try:
+            async with speech as response:
+                odd = b""
+                async for data in response.iter_bytes():
+                    data = odd + data
+                    whole = len(data) - len(data) % PCM_SAMPLE_BYTES
+                    odd = data[whole:]
+                    if whole:
+                        yield SpeechAudio(pcm16=data[:whole], sample_rate=model.speech_sample_rate)
+        except openai.OpenAIError as error:
+            raise self._domain_error(error, model.name) from None
+        except READ_TIMEOUT_ERRORS:
+            raise self._logged(
+                Unavailable(f"model '{model.name}' timed out: its provider did not answer in time")
+            ) from None
+        except READ_ERRORS:
+            raise self._logged(
+                Unavailable(f"model '{model.name}' is unavailable: the connection to its provider failed")
+            ) from None
+
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
@@ -204,9 +310,12 @@ class OpenAIProvider:
         return openai.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_SECONDS))
 
     def _domain_error(self, error: openai.OpenAIError, model: str) -> DuplexError:
-        domain_error = to_domain_error(error, model, self._secrets)
-        log.info("model %s: %s", model, domain_error.message)
-        return domain_error
+        return self._logged(to_domain_error(error, model, self._secrets))
+
+    @staticmethod
+    def _logged(error: DuplexError) -> DuplexError:
+        log.info("%s", error.message)
+        return error
 
 
 def chat_completion_arguments(model: OpenAIModel, request: GenerationRequest) -> dict[str, Any]:

@@ -142,11 +142,13 @@ async def test_list_models_shows_the_catalogue_and_the_demo(start_llm, fake_open
         (model.name, model.provider, model.supports_tools, model.supports_embeddings) for model in listing.models
     ] == [
         ("local-demo", "local", True, True),
+        ("local-whisper", "local", False, False),
+        ("local-piper", "local", False, False),
         ("chat", "openai", True, False),
         ("embedder", "openai", False, True),
     ]
-    assert listing.models[1].description == "A chat model."
-    assert listing.models[2].description == "upstream-embedder via 127.0.0.1:" + str(fake_openai.port)
+    assert listing.models[3].description == "A chat model."
+    assert listing.models[4].description == "upstream-embedder via 127.0.0.1:" + str(fake_openai.port)
     # Embed without a model uses the default embedding model; a model that cannot embed is refused.
     embedded = await running.stub.Embed(llm_pb2.EmbedRequest(inputs=["x"]), timeout=5)
     assert embedded.model == "embedder"
