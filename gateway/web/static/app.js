@@ -297,8 +297,8 @@ const handlers = {
   },
   transcript(event, heard) {
     const m = voiceMessage(event.turnId, heard.clientMessageId || "");
-    m.text = heard.text || "";
-    m.status = heard.final ? (m.text.trim() ? "final" : "empty") : "interim";
+    m.text = (heard.text || "").trim(); // the engine's text may start with a space; the stored one is trimmed
+    m.status = heard.final ? (m.text ? "final" : "empty") : "interim";
     if (heard.final) hearing = false;
     render(m);
     updateVoiceUi();
