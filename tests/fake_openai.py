@@ -1,10 +1,17 @@
 """A fake OpenAI-compatible HTTP server for tests: real HTTP, real server-sent events, scripted replies.
 
 The real `openai` SDK talks to it like to api.openai.com (`base_url=fake.base_url`). Each request to
-`/v1/chat/completions` or `/v1/embeddings` takes the next scripted FakeReply (or `default_reply` when the
-script is empty), so a test can say "a 429 with Retry-After: 1, then a normal reply", "a reply that stalls
-after two chunks", "a tool call streamed in fragments", and then look at what the client sent
-(`requests`) and when it hung up (`RecordedRequest.disconnected_at`, noticed by the server itself).
+`/v1/chat/completions`, `/v1/embeddings`, `/v1/audio/transcriptions` or `/v1/audio/speech` takes the next
+scripted FakeReply (or `default_reply` when the script is empty), so a test can say "a 429 with
+Retry-After: 1, then a normal reply", "a reply that stalls after two chunks", "a tool call streamed in
+fragments", and then look at what the client sent (`requests`) and when it hung up
+(`RecordedRequest.disconnected_at`, noticed by the server itself).
+
+Speech: a transcription's text is the reply's chunks joined (with stream=true, one `transcript.text.delta`
+event per chunk, then `transcript.text.done` unless finish_reason is ""); the multipart form is recorded
+as the body, its file as {"filename", "content_type", "data"}. Speech streams the reply's `audio` (PCM16,
+or a tone as long as the input deserves when empty) in pieces of `audio_piece_bytes`; pace, stalls and
+drops count those pieces as they count chat chunks.
 
     async with FakeOpenAI() as fake:
         fake.script(FakeReply.error(429, headers={"Retry-After": "1"}), FakeReply(chunks=["Hi", "!"]))
@@ -15,6 +22,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import math
 import struct
 import time
 from collections import deque
@@ -25,6 +33,9 @@ from typing import Any, NoReturn, Self
 from aiohttp import web
 
 EMBEDDING_DIMENSIONS = 8
+# The fake voice: OpenAI's "pcm" rate, and how long it takes per character of input.
+SPEECH_SAMPLE_RATE = 24000
+SPEECH_SECONDS_PER_CHAR = 0.06
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,9 @@ class FakeReply:
     stall_after: int | None = None
     # Send nothing at all, not even the status line, until the client leaves.
     stall_before_headers: bool = False
+    # /v1/audio/speech: the PCM16 to stream (empty: fake_speech of the input), in pieces of this size.
+    audio: bytes = b""
+    audio_piece_bytes: int = 4800
 
     @classmethod
     def error(
@@ -129,6 +143,8 @@ class FakeOpenAI:
         app = web.Application()
         app.router.add_post("/v1/chat/completions", self._chat_completions)
         app.router.add_post("/v1/embeddings", self._embeddings)
+        app.router.add_post("/v1/audio/transcriptions", self._transcriptions)
+        app.router.add_post("/v1/audio/speech", self._speech)
         # handler_cancellation: a client hanging up cancels its handler, which is how the server notices
         # a disconnect even while it is sending nothing.
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -229,6 +245,105 @@ class FakeOpenAI:
                 "usage": {"prompt_tokens": words, "total_tokens": words},
             }
         )
+
+    async def _record_form(self, request: web.Request) -> RecordedRequest:
+        form = await request.post()
+        body: dict[str, Any] = {}
+        for name, value in form.items():
+            if isinstance(value, web.FileField):
+                body[name] = {"filename": value.filename, "content_type": value.content_type, "data": value.file.read()}
+            else:
+                body[name] = value
+        recorded = RecordedRequest(request.path, dict(request.headers), body, time.monotonic())
+        self.requests.append(recorded)
+        await self._notify()
+        return recorded
+
+    async def _transcriptions(self, request: web.Request) -> web.StreamResponse:
+        recorded = await self._record_form(request)
+        reply = self._next_reply()
+        try:
+            if reply.stall_before_headers:
+                await asyncio.Event().wait()
+            if reply.status != 200:
+                return error_response(reply)
+            if recorded.body.get("stream") == "true":
+                response = await self._stream_transcript(request, recorded, reply)
+            else:
+                if reply.pace:
+                    await asyncio.sleep(reply.pace)
+                response = web.json_response({"text": "".join(reply.chunks)})
+        except (asyncio.CancelledError, ConnectionError):
+            if not recorded.completed:
+                await self._note_disconnect(recorded)
+            raise
+        recorded.completed = True
+        return response
+
+    async def _stream_transcript(
+        self, request: web.Request, recorded: RecordedRequest, reply: FakeReply
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", **reply.headers})
+        await response.prepare(request)
+        for sent, piece in enumerate(reply.chunks):
+            if sent == reply.stall_after:
+                await asyncio.Event().wait()
+            if sent == reply.drop_after:
+                drop_connection(request, recorded)
+            if reply.pace:
+                await asyncio.sleep(reply.pace)
+            await send(response, {"type": "transcript.text.delta", "delta": piece})
+        if reply.stall_after is not None and reply.stall_after >= len(reply.chunks):
+            await asyncio.Event().wait()
+        if reply.drop_after is not None and reply.drop_after >= len(reply.chunks):
+            drop_connection(request, recorded)
+        if reply.finish_reason != "":
+            await send(response, {"type": "transcript.text.done", "text": "".join(reply.chunks)})
+        await response.write_eof()
+        return response
+
+    async def _speech(self, request: web.Request) -> web.StreamResponse:
+        recorded = await self._record(request)
+        reply = self._next_reply()
+        try:
+            if reply.stall_before_headers:
+                await asyncio.Event().wait()
+            if reply.status != 200:
+                return error_response(reply)
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream", **reply.headers})
+            await response.prepare(request)
+            audio = reply.audio or fake_speech(recorded.body.get("input", ""))
+            size = reply.audio_piece_bytes
+            pieces = [audio[start : start + size] for start in range(0, len(audio), size)]
+            for sent, piece in enumerate(pieces):
+                if sent == reply.stall_after:
+                    await asyncio.Event().wait()
+                if sent == reply.drop_after:
+                    drop_connection(request, recorded)
+                if reply.pace:
+                    await asyncio.sleep(reply.pace)
+                await response.write(piece)
+            if reply.stall_after is not None and reply.stall_after >= len(pieces):
+                await asyncio.Event().wait()
+            if reply.drop_after is not None and reply.drop_after >= len(pieces):
+                drop_connection(request, recorded)
+            await response.write_eof()
+        except (asyncio.CancelledError, ConnectionError):
+            if not recorded.completed:
+                await self._note_disconnect(recorded)
+            raise
+        recorded.completed = True
+        return response
+
+
+def fake_speech(text: str, seconds_per_char: float = SPEECH_SECONDS_PER_CHAR) -> bytes:
+    """A 220 Hz tone as long as the fake voice takes to say `text`, as OpenAI's "pcm" (24 kHz PCM16)."""
+    samples = max(1, round(len(text) * seconds_per_char * SPEECH_SAMPLE_RATE))
+    amplitude = 8000
+    return struct.pack(
+        f"<{samples}h",
+        *(round(amplitude * math.sin(2 * math.pi * 220 * index / SPEECH_SAMPLE_RATE)) for index in range(samples)),
+    )
 
 
 def content_events(reply: FakeReply) -> list[dict[str, Any]]:
