@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("migrate", help="apply the history database migrations (DUPLEX_DATABASE_URL)")
 
     bench = commands.add_parser("bench", help="load-benchmark the whole chain on loopback (minutes)")
-    bench.add_argument("--streams", default="1,100,500,1000", help="concurrent streams per run, comma-separated")
+    bench.add_argument("--streams", default="1,100,500,1000",
+                       help="concurrent streams per run, comma-separated (0 = no text runs)")
     bench.add_argument("--tokens-per-second", type=float, default=50.0, help="demo model pace per stream")
     bench.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
     bench.add_argument("--ramp", type=float, default=5.0, help="seconds over which streams start")
@@ -46,6 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--idle", type=int, default=2000, help="idle streams held open for memory (0 = skip)")
     bench.add_argument("--soak-minutes", type=float, default=0.0, help="memory soak at the knee (0 = skip)")
     bench.add_argument("--coalesce-ms", type=int, default=50, help="llm_service coalescing window")
+    bench.add_argument("--voice-sessions", default="0",
+                       help="concurrent voice sessions per run against a fake OpenAI-compatible upstream of fixed "
+                            "latency, comma-separated, e.g. 1,20 (default 0 = skip voice)")
+    bench.add_argument("--voice-offline-sessions", default="1,3",
+                       help="voice sessions per run on the offline engines (local-whisper + local-demo + "
+                            "local-piper), comma-separated; only when --voice-sessions runs voice (0 = skip)")
+    bench.add_argument("--voice-duration", type=float, default=30.0, help="seconds of speaking per voice run")
+    bench.add_argument("--voice-pause", type=float, default=1.0, help="seconds between a voice turn's end and the next")
     bench.add_argument("--output", default="bench-results.json", help="where the JSON report goes")
 
     args = parser.parse_args(argv)
@@ -83,11 +92,17 @@ def run_bench(args) -> int:
 
     from duplex.bench import runner
 
+    def counts(text: str) -> tuple[int, ...]:
+        return tuple(n for n in (int(part) for part in text.split(",") if part.strip()) if n > 0)
+
+    voice_sessions = counts(args.voice_sessions)
     config = runner.BenchConfig(
-        streams=tuple(int(n) for n in args.streams.split(",")), tokens_per_second=args.tokens_per_second,
+        streams=counts(args.streams), tokens_per_second=args.tokens_per_second,
         duration_seconds=args.duration, ramp_seconds=args.ramp, compare_streams=args.compare_streams,
         idle_streams=args.idle, soak_minutes=args.soak_minutes, coalesce_window_ms=args.coalesce_ms,
-        output=args.output,
+        output=args.output, voice_sessions=voice_sessions,
+        voice_offline_sessions=counts(args.voice_offline_sessions) if voice_sessions else (),
+        voice_duration_seconds=args.voice_duration, voice_pause_seconds=args.voice_pause,
     )
     with tempfile.TemporaryDirectory(prefix="duplex-bench-") as data_dir:
         report = asyncio.run(runner.run(config, data_dir))

@@ -1,4 +1,5 @@
-"""`duplex bench` end to end, small: every scenario runs, and the report carries its figures."""
+"""`duplex bench` end to end, small: every scenario runs (voice against its fake upstream too), and the
+report carries its figures."""
 
 import json
 import subprocess
@@ -13,11 +14,13 @@ def test_a_small_benchmark_runs_every_scenario_and_reports_its_figures(tmp_path)
     output = tmp_path / "bench.json"
     finished = subprocess.run(
         [DUPLEX, "bench", "--streams", "2", "--duration", "2", "--compare-streams", "2", "--idle", "20",
-         "--tokens-per-second", "100", "--output", str(output)],
+         "--tokens-per-second", "100", "--voice-sessions", "2", "--voice-offline-sessions", "0",
+         "--voice-duration", "1", "--voice-pause", "0", "--output", str(output)],
         capture_output=True, text=True, timeout=240,
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "knee" in finished.stdout
+    assert "Voice: end of speech" in finished.stdout
     report = json.loads(output.read_text())
 
     assert [run["label"] for run in report["runs"]] == LABELS
@@ -32,3 +35,20 @@ def test_a_small_benchmark_runs_every_scenario_and_reports_its_figures(tmp_path)
     assert report["idle"]["idle_streams"] == 20 and "kib_per_idle_stream" in report["idle"]
     assert report["knee_streams"] in (None, 2)
     assert {"gateway_added_ttft_p50_ms", "gateway_cpu_WebSocket_vs_grpc"} <= set(report["ratios"])
+
+    # Voice against the fake upstream of fixed latency: every turn heard, answered and spoken.
+    voice = report["voice"]
+    assert voice["audio_lead_ms"] >= 600_000 and voice["upstream_latencies_ms"]["transcription_ms"] > 0
+    [run] = voice["runs"]
+    assert run["label"] == "voice, fake upstream" and run["sessions"] == 2, run
+    assert run["errors"] == 0 and run["turns"] >= 2, run
+    fixed = sum(voice["upstream_latencies_ms"].values())
+    assert run["upstream_fixed_ms"] == fixed
+    assert fixed < run["first_audio_ms"]["p50"] <= run["first_audio_ms"]["p99"], run
+    assert run["added_ms"]["p50"] == run["first_audio_ms"]["p50"] - fixed
+    assert run["transcript_ms"]["p50"] < run["first_delta_ms"]["p50"] < run["first_audio_ms"]["p50"], run
+    assert run["upstream_requests_per_turn"]["transcriptions"] == 1 and run["upstream_requests_per_turn"]["chats"] == 1
+    assert run["upstream_requests_per_turn"]["speeches"] >= 1 and run["answer_audio_ms_per_turn"] > 0, run
+    assert set(run["cpu_ms_per_turn"]) == {
+        "gateway", "llm_service", "session_service", "history_service", "fake_upstream", "loadgen"}
+    assert voice["target"]["sessions"] == 2 and isinstance(voice["target"]["met"], bool)
