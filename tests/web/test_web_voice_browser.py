@@ -30,6 +30,7 @@ WAV_RATE_HZ = 48000
 LEAD_SILENCE_SECONDS = 0.6
 TAIL_SILENCE_SECONDS = 20.0  # the fake microphone plays the file once, then this silence
 SCREENSHOT = Path("/tmp/duplex-voice-page.png")
+INTERRUPTED_SCREENSHOT = Path("/tmp/duplex-voice-interrupted.png")
 ANSWER = ".message.assistant"
 SPOKEN = ".message.user.voice"
 # A long answer that takes several seconds to speak, for the tests that interrupt it.
@@ -212,6 +213,7 @@ async def test_stop_during_speech_silences_at_once_and_keeps_what_was_heard(star
     await expect(answer.locator(".meta")).to_contain_text("Interrupted")
     heard = await answer.locator(".text").text_content()
     assert heard and heard == await stored_answer(system, page)  # the stored answer is what was spoken
+    await page.screenshot(path=str(INTERRUPTED_SCREENSHOT))
     await asyncio.sleep(1.0)
     after = await voice_stats(page)
     assert after["chunksScheduled"] == stopped["chunksScheduled"]  # nothing of it plays any more
@@ -294,3 +296,25 @@ async def test_a_silent_press_of_space_is_told_gently_that_no_speech_was_heard(s
     assert await page.locator(ANSWER).count() == 0  # and no answer
     assert (await voice_stats(page))["commits"] == 1
     await expect(page.get_by_role("button", name="Hold to talk")).to_have_attribute("aria-pressed", "false")
+
+
+async def test_talking_over_a_spoken_answer_interrupts_it_with_what_was_played(start, new_page, spoken_question):
+    _, speech_seconds = spoken_question
+    system = await start(tokens_per_second=20)
+    page = await new_page(system)
+    await speak_answers(page)
+    await page.fill("#message", LONG_QUESTION)
+    await page.press("#message", "Enter")
+    await until_speaking(page, 300, chunks_played=1)
+    first = page.locator(ANSWER).last
+
+    await hold_to_talk(page, LEAD_SILENCE_SECONDS + speech_seconds + 1.0)  # the press silences at once
+    stats = await voice_stats(page)
+    assert stats["interruptsSent"] == 1 and stats["bargeIns"] == 1 and stats["sourcesStopped"] >= 1
+    await expect(first).to_have_attribute("data-interrupted", "true", timeout=15_000)
+    await expect(first).to_have_attribute("data-status", "stopped")
+    await expect(page.locator(SPOKEN).last.locator(".text")).to_have_text(
+        re.compile(r"capital.*France", re.I), timeout=30_000
+    )
+    await expect(page.locator(ANSWER).last).to_have_attribute("data-status", "done", timeout=90_000)
+    assert await page.locator(ANSWER).count() == 2
