@@ -46,7 +46,7 @@ class GatewaySettings(ServiceSettings):
 
     # Voice. The largest AudioInput (one WebSocket frame or SendAudio call), and one utterance's audio
     # (the whole of a WAV/WebM/Ogg recording, or PCM between commits).
-    voice_max_audio_chunk_bytes: int = Field(65_536, ge=1024)
+    voice_max_audio_chunk_bytes: int = Field(1024 * 1024, ge=1024)
     voice_max_utterance_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     # How long after its speech began an utterance may go on before it is refused.
     voice_max_utterance_seconds: float = Field(60.0, gt=0)

@@ -4,6 +4,10 @@ was heard; a dropped connection resumes audio like text; bad audio is a clear er
 
 import asyncio
 import itertools
+import sys
+import wave
+from asyncio.subprocess import PIPE
+from pathlib import Path
 
 import grpc
 import pytest
@@ -187,7 +191,7 @@ async def test_send_audio_lets_a_unary_caller_talk_and_resume_stream_follows(mak
 
 
 async def test_bad_audio_gets_clear_invalid_argument_errors_and_the_stream_goes_on(make_system):
-    system = await make_system(**UNPACED)
+    system = await make_system(voice_max_audio_chunk_bytes=65_536, **UNPACED)
     stream = ChatStream(system.chat)
     await stream.send(open=chat_pb2.OpenSession(voice=chat_pb2.VoiceOptions(
         turn_detection=chat_pb2.TURN_DETECTION_SERVER_VAD,
@@ -245,3 +249,29 @@ async def test_the_audio_quota_refuses_voice_turns_but_not_text(make_system):
     assert (await stream.until("session_updated"))[-1].session_updated.voice == chat_pb2.VoiceOptions()
     await stream.say("typed, and not spoken")
     assert kinds(await stream.until_turn_ends(timeout=60))[-1] == "turn_completed"
+
+
+DUPLEX = str(Path(sys.executable).parent / "duplex")
+
+
+async def test_duplex_voice_speaks_a_wav_and_saves_the_spoken_answer(make_system, tmp_path):
+    system = await make_system(llm_overrides=SHORT_ANSWERS, **UNPACED)
+    question, answer = tmp_path / "question.wav", tmp_path / "answer.wav"
+    question.write_bytes(as_wav(spoken_pcm16(QUESTION)))
+    process = await asyncio.create_subprocess_exec(
+        DUPLEX, "voice", "--wav", str(question), "--out", str(answer),
+        "--target", f"127.0.0.1:{system.gateway.port}", stdout=PIPE, stderr=PIPE,
+    )
+    stdout, stderr = await asyncio.wait_for(process.communicate(), 90)
+    assert process.returncode == 0, stderr.decode()
+    printed = stdout.decode().lower()
+    assert "you>" in printed and "capital" in printed and "assistant>" in printed
+    with wave.open(str(answer), "rb") as spoken:
+        seconds = spoken.getnframes() / spoken.getframerate()
+        assert seconds > 1 and rms(spoken.readframes(spoken.getnframes())) > 300
+
+    not_a_wav = tmp_path / "notes.txt"
+    not_a_wav.write_text("hello")
+    refused = await asyncio.create_subprocess_exec(DUPLEX, "voice", "--wav", str(not_a_wav), stdout=PIPE, stderr=PIPE)
+    _, stderr = await refused.communicate()
+    assert refused.returncode == 2 and stderr.decode().count("\n") == 1 and "cannot use" in stderr.decode()
