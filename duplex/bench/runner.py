@@ -296,6 +296,18 @@ def print_voice_summary(voice: dict) -> None:
         print(f"  {r['label']:<24}{r['sessions']:>4}{r['turns']:>7}  {first['p50']:>9.0f} / {first['p99']:<8.0f}"
               f"  {added:>15}  {r['transcript_ms']['p50']:>14.0f}  {sentence['p50']:>8.0f} / {sentence['p99']:<6.0f}"
               f"  {r['errors']:>6}  {cpu}")
+    for r in voice["runs"]:
+        if "hops_ms" in r:
+            print(f"  where the time added goes, hop by hop (N={r['sessions']}, p50 / p99 ms):")
+            for name, hop in r["hops_ms"].items():
+                print(f"    {name:<72} {hop['p50']:6.1f} / {hop['p99']:6.1f}")
+    engines = voice.get("engines")
+    if engines and "failed" not in engines:
+        whisper, piper = engines["whisper"], engines["piper"]
+        print(f"  offline engines alone, one job at a time: local-whisper {whisper['wall_ms_p50']:.0f} ms per "
+              f"{whisper['utterance_seconds']:.0f} s utterance ({whisper['cpu_ms_p50']:.0f} ms CPU); local-piper "
+              f"{piper['wall_ms_per_sentence']:.0f} ms per sentence ({piper['cpu_ms_per_sentence']:.0f} ms CPU, "
+              f"real-time factor {piper['real_time_factor']:.2f})")
     target = voice.get("target")
     if target:
         verdict = "met" if target["met"] else "NOT met"
@@ -361,10 +373,11 @@ class FakeUpstreamProcess:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    async def stats(self) -> dict:
+    async def stats(self, timeline: bool = False) -> dict:
         import aiohttp
 
-        async with aiohttp.ClientSession() as http, http.get(f"http://127.0.0.1:{self.port}/stats") as reply:
+        url = f"http://127.0.0.1:{self.port}/stats" + ("?timeline=1" if timeline else "")
+        async with aiohttp.ClientSession() as http, http.get(url) as reply:
             return await reply.json()
 
 
@@ -450,7 +463,7 @@ async def measure_voice(
     before = {name: procstats.sample(pid) for name, pid in pids.items()}
     raw = await run_voice_loadgen(load)
     after = {name: procstats.sample(pid) for name, pid in pids.items()}
-    upstream_after = await upstream.stats() if upstream else {}
+    upstream_after = await upstream.stats(timeline=sessions == 1) if upstream else {}
     cpu_seconds = {name: after[name].cpu_seconds - before[name].cpu_seconds for name in before}
     cpu_seconds["loadgen"] = raw["cpu_seconds"]
     result = {"label": label, "sessions": sessions, **voice_figures(raw["turns"], raw["failures"],
@@ -470,6 +483,8 @@ async def measure_voice(
         result["upstream_requests_per_turn"] = {
             key: (upstream_after[key] - upstream_before[key]) / turns for key in counted}
         result["upstream_lateness_p99_ms"] = upstream_after["lateness_p99_ms"]
+        if "timeline" in upstream_after:
+            result["hops_ms"] = voice_hops(raw["turns"], upstream_after["timeline"])
     print(format_voice_row(result), flush=True)
     if result["errors"]:
         examples = [t["error"] or t["outcome"] for t in raw["turns"] if t["outcome"] != "turn_completed"]
@@ -511,6 +526,42 @@ def voice_figures(turns: list[dict], failures: list[str], latencies: dict[str, f
             },
         }
     return figures
+
+
+# Where the time between the commit and the first audio goes, hop by hop (one session only: its requests
+# to the upstream are its turns'). Both sides read time.monotonic(), one clock for every process.
+HOPS = (
+    ("commit -> STT request read by the upstream", "commit", "transcription.read"),
+    ("STT answer sent -> final transcript at the client", "transcription.first", "transcript"),
+    ("final transcript at the client -> chat request read by the upstream", "transcript", "chat.read"),
+    ("first chat chunk sent -> first text delta at the client", "chat.first", "first_delta"),
+    ("first text delta at the client -> TTS request read by the upstream", "first_delta", "speech.read"),
+    ("TTS first bytes sent -> first answer audio at the client", "speech.first", "first_audio"),
+)
+
+
+def voice_hops(turns: list[dict], timeline: list[list]) -> dict[str, dict[str, float]]:
+    """Per hop, p50/p99 over the turns of a one-session run: client timings laid against the upstream's."""
+    requests = sorted(timeline, key=lambda mark: mark[1])
+    values: dict[str, list[float]] = {name: [] for name, _, _ in HOPS}
+    for turn in turns:
+        if turn["outcome"] != "turn_completed" or turn["first_audio_ms"] is None:
+            continue
+        commit = turn["commit_at"]
+        points = {"commit": commit}
+        for key in ("transcript", "first_delta", "first_audio"):
+            points[key] = commit + turn[f"{key}_ms"] / 1000
+        after = commit - 0.05
+        for endpoint in ("transcription", "chat", "speech"):
+            mark = next((m for m in requests if m[0] == endpoint and m[1] >= after), None)
+            if mark is None or mark[3] is None:
+                break
+            points[f"{endpoint}.read"], points[f"{endpoint}.first"] = mark[2], mark[3]
+            after = mark[1]
+        else:
+            for name, start, end in HOPS:
+                values[name].append((points[end] - points[start]) * 1000)
+    return {name: {"p50": percentile(v, 0.5), "p99": percentile(v, 0.99)} for name, v in values.items()}
 
 
 def format_voice_row(r: dict) -> str:
@@ -588,11 +639,11 @@ async def measure_engines(data_dir: str) -> dict:
 
 
 async def warm_up_voice(system: System, audio_path: str) -> None:  # audio_path: a short utterance
-    """One short turn first (the utterance's first second), so engines load and connections open before
-    anything is timed."""
-    await run_voice_loadgen({"target": system.target("grpc"), "sessions": 1, "duration_seconds": 0.001,
-                             "ramp_seconds": 0.0, "chunk_ms": VOICE_CHUNK_MS, "pause_seconds": 0.0,
-                             "audio_path": audio_path, "cancel_after_first_audio": True})
+    """Two short turns first (the utterance's first second), so engines load, code paths warm and
+    connections open before anything is timed (the first turns of a fresh system are ~100-300 ms slower)."""
+    await run_voice_loadgen({"target": system.target("grpc"), "sessions": 1, "duration_seconds": 120,
+                             "max_turns": 2, "ramp_seconds": 0.0, "chunk_ms": VOICE_CHUNK_MS, "pause_seconds": 0.0,
+                             "audio_path": audio_path})
 
 
 def voice_target(runs: list[dict]) -> dict | None:

@@ -59,7 +59,6 @@ class _Turn:
         self.timings = timings
         self.commit_at = commit_at
         self.done = asyncio.get_running_loop().create_future()
-        self.first_audio = asyncio.get_running_loop().create_future()
         self.text = ""
         self.text_seen_at: list[tuple[int, float]] = []  # (answer length, when the client had it)
         self.audio_starts: dict[int, float] = {}  # text_start of a span -> when its first audio came
@@ -82,7 +81,6 @@ class _Turn:
         elif kind == "audio":
             if t.first_audio_ms is None:
                 t.first_audio_ms = self.since_commit(now)
-                self.first_audio.set_result(None)
             t.audio_events += 1
             t.answer_audio_ms += event.audio.duration_ms
             self.audio_starts.setdefault(event.audio.text_start, now)
@@ -93,9 +91,8 @@ class _Turn:
                 t.error = f"{event.error.code}: {event.error.message}"[:300]
             t.answer_chars = len(self.text)
             t.sentence_ms = self._sentence_latencies()
-            for future in (self.done, self.first_audio):
-                if not future.done():
-                    future.set_result(None)
+            if not self.done.done():
+                self.done.set_result(None)
 
     def _sentence_latencies(self) -> list[float]:
         """For each sentence of the answer: its first audio minus when the client had its whole text."""
@@ -150,7 +147,7 @@ async def voice_session(config: dict, index: int, audio: bytes, turns: list[Turn
         reader = asyncio.create_task(read_events())
         try:
             number = 0
-            while time.monotonic() < stop_at:
+            while time.monotonic() < stop_at and number < config.get("max_turns", sys.maxsize):
                 timings = TurnTimings(session=index, number=number, audio_ms=audio_ms)
                 current = _Turn(timings)
                 utterance_id = f"bench-{uuid.uuid4().hex}"
@@ -162,10 +159,6 @@ async def voice_session(config: dict, index: int, audio: bytes, turns: list[Turn
                 await asyncio.sleep(max(0.0, started + len(chunks) * config["chunk_ms"] / 1000 - time.monotonic()))
                 current.commit_at = timings.commit_at = time.monotonic()  # the end of the user's speech
                 await requests.put(chat_pb2.ChatRequest(commit=chat_pb2.CommitAudio(client_message_id=utterance_id)))
-                if config.get("cancel_after_first_audio"):  # a warm-up: the first audio is all it needs
-                    await asyncio.wait({current.first_audio, reader}, timeout=TURN_TIMEOUT_SECONDS,
-                                       return_when=asyncio.FIRST_COMPLETED)
-                    await requests.put(chat_pb2.ChatRequest(cancel=chat_pb2.Cancel()))
                 done, _ = await asyncio.wait({current.done, reader}, timeout=TURN_TIMEOUT_SECONDS,
                                              return_when=asyncio.FIRST_COMPLETED)
                 if reader in done:
