@@ -127,7 +127,10 @@ class Speaker:
         interrupt until then still finds the turn running."""
         self._no_more_text = True
         self._more.set()
-        await asyncio.shield(self._reader)
+        try:
+            await asyncio.shield(self._reader)
+        except DuplexError as error:
+            raise _speech_failure(error) from None
         if self._first_audio_at is not None:
             played_out_at = self._first_audio_at + self.audio_ms / 1000 - self._lead
             await asyncio.sleep(max(0.0, played_out_at - self._loop.time()))
