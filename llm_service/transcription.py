@@ -219,7 +219,7 @@ class TranscriptionSession:
         if self._detector is None:
             if self._utterance_start is None and len(samples):
                 self._utterance_start = start
-            if self._position - (self._utterance_start or 0) > self._max_samples:
+            if self._utterance_start is not None and self._position - self._utterance_start > self._max_samples:
                 raise_too_long(self._limits.max_utterance_seconds)
         else:
             for event in await self._detect(samples):

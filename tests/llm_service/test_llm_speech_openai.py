@@ -378,3 +378,16 @@ async def test_the_deadline_reaches_a_stalled_speech_upstream(start_llm, fake_op
 
     assert failure.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await fake_openai.wait_for_disconnects(1, timeout=PROMPT)
+
+
+async def test_the_utterance_limit_is_per_utterance_not_per_call(start_llm, fake_openai: FakeOpenAI):
+    running = await start_llm(speech_settings(whisper(fake_openai), speech_max_utterance_seconds=1.0))
+    utterance = [*audio_messages(silence(0.7)), COMMIT]
+    # A lone byte (half a sample) after a commit starts no utterance of its own.
+    odd_byte = llm_pb2.TranscribeRequest(audio=b"\x00")
+
+    responses = await transcribe(
+        running.stub, [transcribe_config(model="whisper"), *utterance, odd_byte, *utterance, *utterance]
+    )
+
+    assert [(t.utterance, t.audio_ms) for t in transcripts(responses)] == [(0, 700), (1, 700), (2, 700)]
