@@ -245,6 +245,7 @@ class Turn:
         self._user_text = text[: self._settings.max_message_chars]
         self.client_message_id = self.utterance.client_message_id  # a commit may have named it meanwhile
         message = chat_pb2.UserMessage(client_message_id=self.client_message_id, text=self._user_text)
+        self.ask_early()  # as for a typed message: the model starts while the transcript is stored
         stored = await self._services.history.append_message(_user_message(self.session, message))
         accepted = _accepted(self.session, message, stored.message.message_id, duplicate=stored.duplicate)
         self._publish(accepted)

@@ -37,6 +37,9 @@ from llm_service.sentences import Sentence, SentenceSplitter, SpanEstimator
 log = logging.getLogger(__name__)
 
 CHUNK_MS = 200
+# A sentence's first chunk is short, so its first audio leaves as soon as an upstream that streams starts
+# to (waiting for 200 ms of a real-time stream would add 200 ms to the answer's first sound).
+FIRST_CHUNK_MS = 40
 SENTENCE_QUEUE = 4
 OUTPUT_QUEUE = 16
 # Text one call may ask to have spoken (about two hours of speech).
@@ -102,6 +105,7 @@ class SentenceChunker:
         self._spans = SpanEstimator(sentence, span_start)
         self._rate = sample_rate
         self._chunk = sample_rate * CHUNK_MS // 1000
+        self._first_chunk = sample_rate * FIRST_CHUNK_MS // 1000
         self._expected = expected_seconds * sample_rate
         self._resampler: PcmResampler | None = None
         self._buffer = np.zeros(0, dtype="<i2")
@@ -129,6 +133,10 @@ class SentenceChunker:
             self._resampler = PcmResampler(piece.sample_rate, self._rate)
         return np.concatenate([flushed, self._resampler.feed(piece.pcm16)])
 
+    def _target(self, final: bool) -> int:
+        """A short first chunk while the sentence's audio is still streaming in; then CHUNK_MS."""
+        return self._first_chunk if self.emitted == 0 and not final else self._chunk
+
     def _flush(self) -> np.ndarray:
         if self._resampler is None:
             return np.zeros(0, dtype="<i2")
@@ -141,8 +149,8 @@ class SentenceChunker:
         total = self.emitted + len(self._buffer)
         # The sentence's length in samples: known at its end, estimated before (never below what came).
         expected = total if final else max(self._expected, total + self._chunk)
-        while len(self._buffer) > self._chunk or (final and len(self._buffer)):
-            size = min(self._chunk, len(self._buffer))
+        while len(self._buffer) > self._target(final) or (final and len(self._buffer)):
+            size = min(self._target(final), len(self._buffer))
             if final and len(self._buffer) - size < self._chunk // 4:
                 size = len(self._buffer)  # no sliver of a last chunk: it joins this one
             chunk, self._buffer = self._buffer[:size], self._buffer[size:]

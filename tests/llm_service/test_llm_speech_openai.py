@@ -100,7 +100,7 @@ async def test_without_interim_results_a_streaming_model_is_not_streamed(start_l
     assert "stream" not in fake_openai.requests[0].body
 
 
-async def test_speech_streams_from_the_upstream_in_chunks_of_200_ms(start_llm, fake_openai: FakeOpenAI):
+async def test_speech_streams_from_the_upstream_in_chunks_of_200_ms_after_a_short_first_one(start_llm, fake_openai: FakeOpenAI):
     running = await start_llm(speech_settings(tts(fake_openai)))
     first, second = "Hello there.", "This is the fake voice speaking."
     # Pieces that split samples, as HTTP chunks may.
@@ -112,8 +112,10 @@ async def test_speech_streams_from_the_upstream_in_chunks_of_200_ms(start_llm, f
     assert (started.model, started.voice, started.format.sample_rate_hz) == ("tts", "alloy", SPEECH_SAMPLE_RATE)
     assert speech.pcm == fake_speech(first) + fake_speech(second)
     durations = [chunk.duration_ms for chunk in speech.chunks]
-    # All 200 ms but each sentence's last (which takes in a sliver rather than leave it alone).
-    assert durations.count(200) == len(durations) - 2 and max(durations) < 250
+    # Each sentence: a 40 ms first chunk (its first sound leaves at once), then 200 ms chunks but the last
+    # (which takes in a sliver rather than leave it alone).
+    assert durations.count(40) == 2 and durations[0] == 40
+    assert durations.count(200) == len(durations) - 4 and max(durations) < 250
     assert speech.spans[0][0] == 0 and speech.spans[-1][1] == len(first) + 1 + len(second)
     assert len(first) in [end for _, end in speech.spans]
     assert speech.finished.audio_ms == round(len(speech.pcm) / 2 / SPEECH_SAMPLE_RATE * 1000)
