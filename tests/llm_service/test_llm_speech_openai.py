@@ -100,7 +100,9 @@ async def test_without_interim_results_a_streaming_model_is_not_streamed(start_l
     assert "stream" not in fake_openai.requests[0].body
 
 
-async def test_speech_streams_from_the_upstream_in_chunks_of_200_ms_after_a_short_first_one(start_llm, fake_openai: FakeOpenAI):
+async def test_speech_streams_from_the_upstream_in_chunks_of_200_ms_after_a_short_first_one(
+    start_llm, fake_openai: FakeOpenAI
+):
     running = await start_llm(speech_settings(tts(fake_openai)))
     first, second = "Hello there.", "This is the fake voice speaking."
     # Pieces that split samples, as HTTP chunks may.
