@@ -4,13 +4,15 @@ frames; the answer's audio comes back base64 in JSON frames, and the answer enco
 import base64
 
 import aiohttp
-from web_helpers import kind, text_of
+from web_helpers import GRPC_WEB, decode_grpc_web, grpc_web_body, kind, text_of, web_url
 
-from tests.speech_samples import chunks, spoken_pcm16
+from duplex.chat.v1 import chat_pb2
+from tests.speech_samples import as_wav, chunks, spoken_pcm16
 
 QUESTION = "What is the capital of France?"
 FAST = {"voice_audio_lead_ms": 600_000}
 SHORT_ANSWERS = {"local_min_reply_tokens": 8}
+SERVICE = "/duplex.chat.v1.ChatService"
 
 
 def of_kind(events: list[dict], name: str) -> list[dict]:
@@ -64,3 +66,37 @@ async def test_an_empty_raw_audio_frame_is_harmless_and_bad_voice_options_are_re
         assert nothing["error"]["code"] == 9  # FAILED_PRECONDITION: no audio to commit
         await chat.send({"ping": {"nonce": "n"}})
         assert kind(await chat.next_event()) == "pong"
+
+
+async def test_a_browser_without_request_streaming_talks_over_grpc_web(make_system, http, connect):
+    """grpc-web: UpdateSession sets the voice, SendAudio sends a whole WAV recording and commits it,
+    ResumeStream follows the turn it starts."""
+    system = await make_system(llm_overrides=SHORT_ANSWERS, **FAST)
+    async with connect(system) as chat:
+        session_id = (await chat.open())["sessionId"]
+    voice = chat_pb2.VoiceOptions(input_format=chat_pb2.AudioFormat(encoding=chat_pb2.AUDIO_ENCODING_WAV))
+    _, messages, trailers = await call(
+        http, system, f"{SERVICE}/UpdateSession", chat_pb2.UpdateSessionRequest(session_id=session_id, voice=voice)
+    )
+    assert trailers["grpc-status"] == "0" and chat_pb2.UpdateSessionResponse.FromString(messages[0]).voice == voice
+    send = chat_pb2.SendAudioRequest(
+        session_id=session_id, data=as_wav(spoken_pcm16(QUESTION)), client_message_id="web-1", commit=True
+    )
+    _, messages, trailers = await call(http, system, f"{SERVICE}/SendAudio", send)
+    assert trailers["grpc-status"] == "0"
+    assert chat_pb2.SendAudioResponse.FromString(messages[0]).client_message_id == "web-1"
+    resume = chat_pb2.ResumeStreamRequest(session_id=session_id)
+    _, messages, trailers = await call(http, system, f"{SERVICE}/ResumeStream", resume)
+    events = [chat_pb2.ResumeStreamResponse.FromString(message).event for message in messages]
+    assert trailers["grpc-status"] == "0" and events[-1].WhichOneof("kind") == "turn_completed"
+    final = [e.transcript for e in events if e.WhichOneof("kind") == "transcript" and e.transcript.final]
+    assert "france" in final[0].text.lower() and final[0].client_message_id == "web-1"
+
+
+async def call(http, system, path: str, message) -> tuple:
+    body = grpc_web_body(message)
+    headers = {"Content-Type": GRPC_WEB, "X-Grpc-Web": "1"}
+    async with http.post(web_url(system, path), data=body, headers=headers) as response:
+        raw = await response.read()
+    messages, trailers = decode_grpc_web(raw, GRPC_WEB)
+    return response, messages, trailers
