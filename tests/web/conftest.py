@@ -6,14 +6,15 @@ import contextlib
 
 import aiohttp
 import pytest
-from web_helpers import SETTLE_SECONDS, SocketChat, web_url
+import pytest_asyncio
+from web_helpers import CHROMIUM, SETTLE_SECONDS, SocketChat, web_url
 
 from tests.conftest import start_system
 
 
-@pytest.fixture
-async def make_system(tmp_path):
-    """tests/conftest.py's make_system, letting each system settle before it stops."""
+@contextlib.asynccontextmanager
+async def systems(tmp_path):
+    """Starts systems on demand; each gets a moment to settle (see web_helpers.py) before all stop."""
     started = []
 
     async def make(**options):
@@ -21,11 +22,20 @@ async def make_system(tmp_path):
         started.append(system)
         return system
 
-    yield make
-    if started:
-        await asyncio.sleep(SETTLE_SECONDS)
-    for system in started:
-        await system.stop()
+    try:
+        yield make
+    finally:
+        if started:
+            await asyncio.sleep(SETTLE_SECONDS)
+        for system in started:
+            await system.stop()
+
+
+@pytest.fixture
+async def make_system(tmp_path):
+    """tests/conftest.py's make_system, letting each system settle before it stops."""
+    async with systems(tmp_path) as make:
+        yield make
 
 
 @pytest.fixture
@@ -46,3 +56,17 @@ def connect(http):
             yield SocketChat(ws)
 
     return open_socket
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    # A missing browser fails the tests: it is a dependency like any other (never downloaded).
+    assert CHROMIUM.exists(), "Chromium is missing: apt-get install -y chromium"
+    return str(CHROMIUM)
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def start(tmp_path):
+    """make_system on the browser tests' module event loop (the browser's)."""
+    async with systems(tmp_path) as make:
+        yield make

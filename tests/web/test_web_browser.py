@@ -11,27 +11,14 @@ import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright, expect
 from pydantic import SecretStr
-from web_helpers import SECRET, SETTLE_SECONDS, token, web_url
+from web_helpers import CHROMIUM_FLAGS, SECRET, token, web_url
 
 from duplex.chat.v1 import conversation_pb2, conversation_pb2_grpc
-from tests.conftest import start_system
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 SCREENSHOT = Path("/tmp/duplex-web-page.png")
 ANSWER = ".message.assistant"
-
-
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    # A missing browser fails the tests: it is a dependency like any other (never downloaded).
-    assert CHROMIUM.exists(), "Chromium is missing: apt-get install -y chromium"
-    return str(CHROMIUM)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -40,22 +27,6 @@ async def browser(chromium):
         launched = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         yield launched
         await launched.close()
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def start(tmp_path):
-    """Like make_system, on this module's event loop (the browser's)."""
-    started = []
-
-    async def make(**options):
-        system = await start_system(tmp_path / f"data{len(started)}", **options)
-        started.append(system)
-        return system
-
-    yield make
-    await asyncio.sleep(SETTLE_SECONDS)  # see web_helpers.py
-    for system in started:
-        await system.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

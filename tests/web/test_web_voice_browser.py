@@ -13,18 +13,12 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from playwright.async_api import Browser, Page, async_playwright, expect
-from web_helpers import SETTLE_SECONDS, web_url
+from web_helpers import CHROMIUM_FLAGS, web_url
 
 from duplex.chat.v1 import conversation_pb2, conversation_pb2_grpc
-from tests.conftest import start_system
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(240)]
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 QUESTION = "What is the capital of France?"
 WAV_RATE_HZ = 48000
 LEAD_SILENCE_SECONDS = 0.6
@@ -60,13 +54,6 @@ def spoken_question(tmp_path_factory) -> tuple[Path, float]:
     return path, len(speech) / rate
 
 
-@pytest.fixture(scope="module")
-def chromium() -> str:
-    # A missing browser fails the tests: it is a dependency like any other (never downloaded).
-    assert CHROMIUM.exists(), "Chromium is missing: apt-get install -y chromium"
-    return str(CHROMIUM)
-
-
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def browser(chromium, spoken_question):
     wav, _ = spoken_question
@@ -78,21 +65,6 @@ async def browser(chromium, spoken_question):
         launched = await playwright.chromium.launch(executable_path=chromium, args=flags)
         yield launched
         await launched.close()
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def start(tmp_path):
-    started = []
-
-    async def make(**options):
-        system = await start_system(tmp_path / f"data{len(started)}", **options)
-        started.append(system)
-        return system
-
-    yield make
-    await asyncio.sleep(SETTLE_SECONDS)  # see web_helpers.py
-    for system in started:
-        await system.stop()
 
 
 @pytest_asyncio.fixture(loop_scope="module")

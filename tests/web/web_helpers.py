@@ -7,6 +7,7 @@ import json
 import struct
 import time
 import uuid
+from pathlib import Path
 
 import aiohttp
 import jwt
@@ -15,6 +16,12 @@ from google.protobuf import json_format
 from duplex.chat.v1 import chat_pb2
 
 SECRET = "web-edge-test-secret-that-is-long-enough"
+# The browser tests' Chromium (Debian's; Playwright never downloads one here) and its flags.
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
 # These tests often end the moment a turn ends, while the turn still titles its conversation in history.
 # Stopping everything right then cancels that write mid-commit, and the history service's SQLite connection
 # then never finishes closing (a history_service shutdown race that hangs the event loop's close), so a
