@@ -236,9 +236,9 @@ class SpeechCall:
             raise Unavailable("the speech call ended")
         try:
             await self._call.write(request)
-        except grpc.aio.AioRpcError as error:
-            raise from_rpc_error(error, "llm service") from None
-        except asyncio.InvalidStateError:  # the call already ended; its reader reports why
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            # The call ended (a write racing the server's status can see a bare INTERNAL from grpc core
+            # instead of it): the reader reports the real status.
             raise Unavailable("the speech call ended") from None
 
     async def done_writing(self) -> None:
