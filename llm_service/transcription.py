@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from duplex.common.errors import InvalidArgument, Unavailable
+from duplex.common.errors import DuplexError, InvalidArgument, Unavailable
 from llm_service.audio import (
     AudioEncoding,
     PcmResampler,
@@ -310,16 +310,34 @@ class TranscriptionSession:
     # The transcriber.
 
     async def _transcribe(self) -> None:
-        while (job := await self._jobs.get()) is not END:
-            self._transcriber_idle = False
-            try:
+        interim: asyncio.Task | None = None
+        try:
+            while (job := await self._jobs.get()) is not END:
                 if isinstance(job, InterimJob):
-                    await self._interim(job)
-                else:
+                    self._transcriber_idle = False
+                    interim = asyncio.create_task(self._interim_pass(job), name="interim-transcript")
+                    continue
+                # A final transcript never waits for an interim pass: that pass is dropped (its engine
+                # thread finishes on its own, holding its slot; the final one takes another).
+                await _cancelled(interim)
+                interim = None
+                self._transcriber_idle = False
+                try:
                     await self._final(job)
-            finally:
-                self._transcriber_idle = True
+                finally:
+                    self._transcriber_idle = True
+        finally:
+            await _cancelled(interim)
         await self._out.put(END)
+
+    async def _interim_pass(self, job: InterimJob) -> None:
+        """Best effort: a failed interim pass is logged; the final transcript still comes (or fails) itself."""
+        try:
+            await self._interim(job)
+        except DuplexError as error:
+            log.warning("an interim transcript failed: %s", error.message)
+        finally:
+            self._transcriber_idle = True
 
     async def _interim(self, job: InterimJob) -> None:
         if job.utterance != self._utterances:
@@ -363,3 +381,9 @@ class TranscriptionSession:
     @staticmethod
     def _ms(pcm16: bytes) -> int:
         return duration_ms(len(pcm16), TRANSCRIPTION_SAMPLE_RATE)
+
+
+async def _cancelled(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
