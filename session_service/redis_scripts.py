@@ -6,7 +6,8 @@ never compare their own clocks):
 
 - P session:S   hash: user, conv, model, prompt, persona, created_ms, expires_ms, last_seq,
                 turn, owner, lease_ms (the session's turn: kept after its lease ran out until EndTurn or a
-                takeover, but then no longer running), voice (opaque bytes; absent in sessions written
+                takeover, but then no longer running), cancel ("<interrupt 0|1>:<played_ms>" once the turn
+                was asked to stop, else absent or empty), voice (opaque bytes; absent in sessions written
                 before it existed, which read as empty)
 - P log:S       stream: entry `<seq>-0` per event (fields turn, payload, terminal). Entries `<seq>-<n>`
                 with n > 0 are control entries (EndTurn, close, expiry) that only wake blocked readers;
@@ -20,6 +21,7 @@ never compare their own clocks):
 - P quota:messages:U  sorted set: the user's messages in the last minute (member = session:turn)
 - P quota:tokens:U    hash: day (days since epoch, UTC), used
 - P quota:audio:U     hash: day (days since epoch, UTC), used (milliseconds of audio)
+- P cancels:O   pub/sub channel: cancel requests for the turns gateway O runs ("<sid> <turn> <interrupt> <ms>")
 
 Per-session keys carry Redis TTLs of the session TTL plus a grace period: the sweeper decides expiry
 (it must record the end first); Redis' TTL only removes what no sweeper got to, e.g. all replicas down.
@@ -245,7 +247,7 @@ return {'OK'}
 # KEYS: session keys, messages window, tokens counter, audio counter.
 # ARGV: sid, user, turn, owner, ttl_ms, grace_ms, lease_ms, messages_per_minute, tokens_per_day, max_turns,
 #       audio_ms_per_day, uses_audio ('1' for a turn that hears or speaks audio)
-# Returns OK last_seq messages_remaining tokens_remaining audio_seconds_remaining taken_over_turn | BUSY
+# Returns OK last_seq messages_remaining tokens_remaining audio_seconds_remaining taken_over_turn cancel | BUSY
 #       | TURN_ENDED | TOKENS retry_ms | AUDIO retry_ms | MESSAGES retry_ms | NOT_FOUND. A refusal changes
 # nothing (beyond forgetting messages older than the window).
 BEGIN_TURN = r"""
@@ -269,7 +271,7 @@ if message_limit > 0 then
   sent = redis.call('ZCARD', window_key)
 end
 
-local taken_over = ''
+local taken_over, cancel = '', s.cancel or ''
 if s.turn ~= turn_id then
   -- A new turn (not a retry of the session's own): every check that can refuse, then count it.
   if turn_running(s, now) then return {'BUSY'} end
@@ -290,14 +292,27 @@ if s.turn ~= turn_id then
     redis.call('PEXPIRE', window_key, MINUTE_MS)
     sent = sent + 1
   end
-  taken_over = s.turn
+  taken_over, cancel = s.turn, ''
 end
-redis.call('HSET', k.session, 'turn', turn_id, 'owner', owner, 'lease_ms', int(now + lease_ms))
+redis.call('HSET', k.session, 'turn', turn_id, 'owner', owner, 'lease_ms', int(now + lease_ms), 'cancel', cancel)
 remember_turn(k, turn_id, max_turns)
 touch(k, sid, s, now, ttl_ms, grace_ms)
 return {'OK', s.last_seq, remaining_or_unlimited(message_limit, sent),
         remaining_or_unlimited(token_limit, tokens_used), audio_seconds_remaining(audio_limit_ms, audio_used),
-        taken_over}
+        taken_over, cancel}
+"""
+
+# KEYS: session keys. ARGV: sid, user, turn ('' = the running one), interrupt ('0' | '1'), played_ms
+# Returns OK turn owner | NONE (no turn, or not that one, runs) | NOT_FOUND. The caller publishes to the owner.
+REQUEST_CANCEL = r"""
+local k = declared_keys()
+local turn_id = ARGV[3]
+local now = now_ms()
+local s = owned_session(k, ARGV[2], now)
+if s == nil then return {'NOT_FOUND'} end
+if not turn_running(s, now) or (turn_id ~= '' and turn_id ~= s.turn) then return {'NONE'} end
+redis.call('HSET', k.session, 'cancel', ARGV[4] .. ':' .. ARGV[5])
+return {'OK', s.turn, s.owner}
 """
 
 # KEYS: session keys. ARGV: sid, turn, tokens, prefix, ttl_ms, grace_ms, audio_ms
@@ -316,7 +331,7 @@ if redis.call('HGET', k.turns, turn_id) == 'begun' then
   add_today(prefix .. 'quota:audio:' .. s.user, day, audio_ms)
 end
 if s.turn ~= turn_id then return {'OK'} end
-redis.call('HSET', k.session, 'turn', '', 'owner', '', 'lease_ms', '0')
+redis.call('HSET', k.session, 'turn', '', 'owner', '', 'lease_ms', '0', 'cancel', '')
 wake_followers(k, s)
 touch(k, sid, s, now, ttl_ms, grace_ms)
 return {'OK'}

@@ -46,6 +46,7 @@ from session_service.redis_scripts import (
     PRELUDE,
     READ,
     REOPEN,
+    REQUEST_CANCEL,
     RETRY_ENDED,
     SWEEP_EXPIRED,
     UPDATE,
@@ -63,6 +64,7 @@ from session_service.store import (
     MAX_EVENTS_PER_BATCH,
     MAX_REMEMBERED_TURNS,
     AppendOutcome,
+    CancelRequest,
     EventBatch,
     LogEntry,
     SessionInfo,
@@ -185,6 +187,9 @@ class RedisKeys:
     def audio(self, user_id: str) -> str:
         return f"{self.prefix}quota:audio:{user_id}"
 
+    def cancels(self, owner: str) -> str:
+        return f"{self.prefix}cancels:{owner}"
+
 
 class _Scripts:
     def __init__(self, client: aioredis.Redis) -> None:
@@ -198,6 +203,7 @@ class _Scripts:
         self.close = register(CLOSE)
         self.begin_turn = register(BEGIN_TURN)
         self.end_turn = register(END_TURN)
+        self.request_cancel = register(REQUEST_CANCEL)
         self.append = register(APPEND)
         self.append_batches = register(APPEND_BATCHES)
         self.read = register(READ)
@@ -273,6 +279,19 @@ def _append_outcome(session_id: str, reply: list[bytes]) -> AppendOutcome:
     if status == b"GAP":
         return gap_error(int(reply[1]), int(reply[2]))
     return int(reply[1])
+
+
+def _cancel_request(session_id: str, turn_id: str, recorded: bytes) -> CancelRequest | None:
+    """The cancel field of a session ("<interrupt>:<played_ms>"), for its turn; None when empty."""
+    if not recorded:
+        return None
+    interrupt, played_ms = recorded.split(b":")
+    return CancelRequest(session_id, turn_id, interrupt == b"1", int(played_ms))
+
+
+def _published_cancel(message: bytes) -> CancelRequest:
+    session_id, turn_id, interrupt, played_ms = message.split(b" ")
+    return CancelRequest(_text(session_id), _text(turn_id), interrupt == b"1", int(played_ms))
 
 
 def _claimed_ends(reply: list[bytes]) -> list[_ClaimedEnd]:
@@ -418,13 +437,13 @@ class RedisSessionStore:
         ]
         reply = await self._scripts.begin_turn(keys=keys, args=args)
         self._raise_if_refused(reply, session_id, turn_id)
-        _, last_seq, messages_left, tokens_left, audio_left, taken_over = reply
+        _, last_seq, messages_left, tokens_left, audio_left, taken_over, cancel = reply
         if taken_over:
             log.warning(
                 "session %s: turn %s takes over turn %s whose lease expired", session_id, turn_id, _text(taken_over)
             )
         quota = QuotaStatus(_remaining(messages_left), _remaining(tokens_left), _remaining(audio_left))
-        return TurnStart(int(last_seq), quota, _text(taken_over))
+        return TurnStart(int(last_seq), quota, _text(taken_over), _cancel_request(session_id, turn_id, cancel))
 
     def _raise_if_refused(self, reply: list[bytes], session_id: str, turn_id: str) -> None:
         status = reply[0]
@@ -450,6 +469,29 @@ class RedisSessionStore:
             return
         args = [session_id, turn_id, tokens, self._keys.prefix, self._ttl_ms, EXPIRY_GRACE_MS, audio_ms]
         await self._scripts.end_turn(keys=self._keys.of_session(session_id), args=args)
+
+    @_redis_call
+    async def request_cancel(
+        self, user_id: str, session_id: str, turn_id: str, *, interrupt: bool = False, played_ms: int = 0
+    ) -> str:
+        self._require_session_id(session_id)
+        flag = "1" if interrupt else "0"
+        args = [session_id, user_id, turn_id, flag, played_ms]
+        reply = await self._scripts.request_cancel(keys=self._keys.of_session(session_id), args=args)
+        self._require_found(reply, session_id)
+        if reply[0] == b"NONE":
+            return ""
+        running, owner = _text(reply[1]), _text(reply[2])
+        # Recorded first, so an owner whose watch is down still sees it when it renews the lease.
+        await self._redis.publish(self._keys.cancels(owner), f"{session_id} {running} {flag} {played_ms}")
+        return running
+
+    async def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest]:
+        with _unavailable_when_redis_is():
+            async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                await pubsub.subscribe(self._keys.cancels(owner))
+                async for message in pubsub.listen():
+                    yield _published_cancel(message["data"])
 
     # -- the event log
 

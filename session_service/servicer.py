@@ -9,7 +9,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from duplex.common.errors import DuplexError, InvalidArgument
 from duplex.session.v1 import session_pb2, session_pb2_grpc
 from session_service.quota import QuotaStatus
-from session_service.store import AppendOutcome, EventBatch, LogEntry, SessionInfo, SessionStore
+from session_service.store import AppendOutcome, CancelRequest, EventBatch, LogEntry, SessionInfo, SessionStore
 
 # How "unlimited" reads in QuotaStatus, whose fields cannot say it otherwise: the field's largest value.
 UNLIMITED_MESSAGES = 2**32 - 1
@@ -90,6 +90,13 @@ def _append_result_to_proto(outcome: AppendOutcome) -> session_pb2.AppendEventsR
     return session_pb2.AppendEventsResult(last_seq=outcome)
 
 
+def _cancel_to_proto(request: CancelRequest) -> session_pb2.CancelRequested:
+    return session_pb2.CancelRequested(
+        session_id=request.session_id, turn_id=request.turn_id, interrupt=request.interrupt,
+        played_ms=request.played_ms,
+    )
+
+
 def _entry_to_proto(entry: LogEntry) -> session_pb2.LogEvent:
     return session_pb2.LogEvent(seq=entry.seq, turn_id=entry.turn_id, payload=entry.payload, terminal=entry.terminal)
 
@@ -149,10 +156,32 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         started = await self._store.begin_turn(
             request.user_id, request.session_id, request.turn_id, owner=request.owner, uses_audio=request.uses_audio
         )
-        return session_pb2.BeginTurnResponse(
+        response = session_pb2.BeginTurnResponse(
             last_seq=started.last_seq, quota=_quota_to_proto(started.quota),
             taken_over_turn_id=started.taken_over_turn_id,
         )
+        if started.cancel is not None:
+            response.cancel_requested.CopyFrom(_cancel_to_proto(started.cancel))
+        return response
+
+    async def RequestCancel(
+        self, request: session_pb2.RequestCancelRequest, context: grpc.aio.ServicerContext
+    ) -> session_pb2.RequestCancelResponse:
+        _require(user_id=request.user_id, session_id=request.session_id)
+        turn_id = await self._store.request_cancel(
+            request.user_id, request.session_id, request.turn_id, interrupt=request.interrupt,
+            played_ms=request.played_ms,
+        )
+        return session_pb2.RequestCancelResponse(turn_id=turn_id)
+
+    async def WatchCancels(
+        self, request: session_pb2.WatchCancelsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[session_pb2.CancelRequested]:
+        _require(owner=request.owner)
+        requests = self._store.watch_cancels(request.owner)
+        async with contextlib.aclosing(requests):
+            async for cancel in requests:
+                yield _cancel_to_proto(cancel)
 
     async def EndTurn(
         self, request: session_pb2.EndTurnRequest, context: grpc.aio.ServicerContext

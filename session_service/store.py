@@ -86,6 +86,18 @@ class TurnStart:
     quota: QuotaStatus
     # The turn replaced because its owner's lease ran out; "" when none.
     taken_over_turn_id: str = ""
+    # On a renewal: the request to stop this turn, when one was made (see request_cancel).
+    cancel: "CancelRequest | None" = None
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """A request to stop one running turn, for the gateway that runs it (its owner)."""
+
+    session_id: str
+    turn_id: str
+    interrupt: bool = False  # a voice barge-in: keep only the answer heard by played_ms
+    played_ms: int = 0
 
 
 class SessionStore(Protocol):
@@ -149,6 +161,16 @@ class SessionStore(Protocol):
         self, user_id: str, session_id: str, after_seq: int, *, follow: bool
     ) -> AsyncIterator[list[LogEntry]]:
         """Yield the events after after_seq in batches; with follow, keep going while a turn runs."""
+
+    async def request_cancel(
+        self, user_id: str, session_id: str, turn_id: str, *, interrupt: bool = False, played_ms: int = 0
+    ) -> str:
+        """Ask the running turn (turn_id, or whichever runs when empty) to stop: record the request on the
+        turn, where its owner's renewals see it, and send it to the owner's watchers. Returns the turn
+        asked, "" when none (or not that one) runs. A later request replaces an earlier one."""
+
+    def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest]:
+        """The cancel requests made from now on for turns `owner` runs, until the caller stops."""
 
 
 # -- rules and messages shared by every backend
@@ -223,6 +245,36 @@ class _Turn:
     turn_id: str
     owner: str
     lease_expires_at: float
+    cancel: CancelRequest | None = None
+
+
+class CancelFeeds:
+    """Cancel requests handed to the watchers of each owner in this process. A watcher that falls
+    behind by a whole queue loses requests; its owner's next lease renewal reports them anyway."""
+
+    QUEUE_REQUESTS = 1024
+
+    def __init__(self) -> None:
+        self._watchers: dict[str, set[asyncio.Queue[CancelRequest]]] = {}
+
+    def publish(self, owner: str, request: CancelRequest) -> None:
+        for queue in self._watchers.get(owner, ()):
+            try:
+                queue.put_nowait(request)
+            except asyncio.QueueFull:
+                log.warning("a cancel watcher of %s is %d requests behind; dropping one", owner, queue.qsize())
+
+    async def watch(self, owner: str) -> AsyncIterator[CancelRequest]:
+        queue: asyncio.Queue[CancelRequest] = asyncio.Queue(self.QUEUE_REQUESTS)
+        watchers = self._watchers.setdefault(owner, set())
+        watchers.add(queue)
+        try:
+            while True:
+                yield await queue.get()
+        finally:
+            watchers.discard(queue)
+            if not watchers:
+                self._watchers.pop(owner, None)
 
 
 _BEGUN, _ENDED = "begun", "ended"
@@ -333,6 +385,7 @@ class MemorySessionStore:
         self._clock = clock
         self._sessions: dict[str, _Session] = {}
         self._pending_ends: list[_PendingEnd] = []
+        self._cancels = CancelFeeds()
         self._housekeeper = Housekeeper("session-sweeper", self._housekeep, sweep_interval(ttl_seconds))
 
     # -- lifecycle
@@ -399,17 +452,18 @@ class MemorySessionStore:
     ) -> TurnStart:
         session = self._owned(user_id, session_id)
         now = self._clock()
-        taken_over = ""
+        taken_over, cancel = "", None
         if session.turn is not None and session.turn.turn_id == turn_id:
             quota = self._quotas.status(user_id, now)  # a retry: the message was counted the first time
+            cancel = session.turn.cancel
         else:
             quota = self._start_new_turn(session, turn_id, now, uses_audio)
             taken_over = session.turn.turn_id if session.turn is not None else ""
-        session.turn = _Turn(turn_id, owner, lease_expires_at=now + self._turn_lease)
+        session.turn = _Turn(turn_id, owner, lease_expires_at=now + self._turn_lease, cancel=cancel)
         session.remember_turn(turn_id)
         self._touch(session)
         session.changes.notify()
-        return TurnStart(session.last_seq, quota, taken_over)
+        return TurnStart(session.last_seq, quota, taken_over, cancel)
 
     def _start_new_turn(self, session: _Session, turn_id: str, now: float, uses_audio: bool) -> QuotaStatus:
         """Every check that can refuse comes before the one change (counting the message)."""
@@ -442,6 +496,20 @@ class MemorySessionStore:
         self._touch(session)
         # Followers waiting for more of this turn can now finish.
         session.changes.notify()
+
+    async def request_cancel(
+        self, user_id: str, session_id: str, turn_id: str, *, interrupt: bool = False, played_ms: int = 0
+    ) -> str:
+        session = self._owned(user_id, session_id)
+        turn = session.running_turn(self._clock())
+        if turn is None or turn_id not in ("", turn.turn_id):
+            return ""
+        turn.cancel = CancelRequest(session_id, turn.turn_id, interrupt, played_ms)
+        self._cancels.publish(turn.owner, turn.cancel)
+        return turn.turn_id
+
+    def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest]:
+        return self._cancels.watch(owner)
 
     # -- the event log
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64uplex/session/v1/session.proto\x12\x11\x64uplex.session.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x08 \x01(\x04\x12\x16\n\x0e\x61\x63tive_turn_id\x18\t \x01(\t\x12\x0f\n\x07persona\x18\n \x01(\t\x12\x19\n\x11\x61\x63tive_turn_owner\x18\x0b \x01(\t\x12\x15\n\rvoice_options\x18\x0c \x01(\x0c\"d\n\x0bQuotaStatus\x12\x1a\n\x12messages_remaining\x18\x01 \x01(\r\x12\x18\n\x10tokens_remaining\x18\x02 \x01(\x04\x12\x1f\n\x17\x61udio_seconds_remaining\x18\x03 \x01(\x04\"K\n\x08LogEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"\xa0\x01\n\x12OpenSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12\x0f\n\x07persona\x18\x06 \x01(\t\x12\x15\n\rvoice_options\x18\x07 \x01(\x0c\"S\n\x13OpenSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"8\n\x11GetSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"A\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session\":\n\x13\x43loseSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"k\n\x10\x42\x65ginTurnRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x12\n\nuses_audio\x18\x05 \x01(\x08\"p\n\x11\x42\x65ginTurnResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\x12-\n\x05quota\x18\x02 \x01(\x0b\x32\x1e.duplex.session.v1.QuotaStatus\x12\x1a\n\x12taken_over_turn_id\x18\x03 \x01(\t\"W\n\x0e\x45ndTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x10\n\x08\x61udio_ms\x18\x04 \x01(\x04\"\x11\n\x0f\x45ndTurnResponse\"V\n\x13\x41ppendEventsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.duplex.session.v1.LogEvent\"(\n\x14\x41ppendEventsResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\"T\n\x19\x41ppendEventBatchesRequest\x12\x37\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32&.duplex.session.v1.AppendEventsRequest\"T\n\x1a\x41ppendEventBatchesResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.duplex.session.v1.AppendEventsResult\"j\n\x12\x41ppendEventsResult\x12\x12\n\x08last_seq\x18\x01 \x01(\x04H\x00\x12\x35\n\x05\x65rror\x18\x02 \x01(\x0b\x32$.duplex.session.v1.AppendEventsErrorH\x00\x42\t\n\x07outcome\"2\n\x11\x41ppendEventsError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"[\n\x11ReadEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"A\n\x12ReadEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.duplex.session.v1.LogEvent\"R\n\x14UpdateSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rvoice_options\x18\x03 \x01(\x0c\"D\n\x15UpdateSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session2\xe9\x06\n\x0eSessionService\x12\\\n\x0bOpenSession\x12%.duplex.session.v1.OpenSessionRequest\x1a&.duplex.session.v1.OpenSessionResponse\x12Y\n\nGetSession\x12$.duplex.session.v1.GetSessionRequest\x1a%.duplex.session.v1.GetSessionResponse\x12_\n\x0c\x43loseSession\x12&.duplex.session.v1.CloseSessionRequest\x1a\'.duplex.session.v1.CloseSessionResponse\x12V\n\tBeginTurn\x12#.duplex.session.v1.BeginTurnRequest\x1a$.duplex.session.v1.BeginTurnResponse\x12P\n\x07\x45ndTurn\x12!.duplex.session.v1.EndTurnRequest\x1a\".duplex.session.v1.EndTurnResponse\x12_\n\x0c\x41ppendEvents\x12&.duplex.session.v1.AppendEventsRequest\x1a\'.duplex.session.v1.AppendEventsResponse\x12q\n\x12\x41ppendEventBatches\x12,.duplex.session.v1.AppendEventBatchesRequest\x1a-.duplex.session.v1.AppendEventBatchesResponse\x12[\n\nReadEvents\x12$.duplex.session.v1.ReadEventsRequest\x1a%.duplex.session.v1.ReadEventsResponse0\x01\x12\x62\n\rUpdateSession\x12\'.duplex.session.v1.UpdateSessionRequest\x1a(.duplex.session.v1.UpdateSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x64uplex/session/v1/session.proto\x12\x11\x64uplex.session.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xba\x02\n\x07Session\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12.\n\ncreated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\x08 \x01(\x04\x12\x16\n\x0e\x61\x63tive_turn_id\x18\t \x01(\t\x12\x0f\n\x07persona\x18\n \x01(\t\x12\x19\n\x11\x61\x63tive_turn_owner\x18\x0b \x01(\t\x12\x15\n\rvoice_options\x18\x0c \x01(\x0c\"d\n\x0bQuotaStatus\x12\x1a\n\x12messages_remaining\x18\x01 \x01(\r\x12\x18\n\x10tokens_remaining\x18\x02 \x01(\x04\x12\x1f\n\x17\x61udio_seconds_remaining\x18\x03 \x01(\x04\"K\n\x08LogEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x10\n\x08terminal\x18\x04 \x01(\x08\"\xa0\x01\n\x12OpenSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x17\n\x0f\x63onversation_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rsystem_prompt\x18\x05 \x01(\t\x12\x0f\n\x07persona\x18\x06 \x01(\t\x12\x15\n\rvoice_options\x18\x07 \x01(\x0c\"S\n\x13OpenSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\"8\n\x11GetSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"A\n\x12GetSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session\":\n\x13\x43loseSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"\x16\n\x14\x43loseSessionResponse\"k\n\x10\x42\x65ginTurnRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x12\n\nuses_audio\x18\x05 \x01(\x08\"\xae\x01\n\x11\x42\x65ginTurnResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\x12-\n\x05quota\x18\x02 \x01(\x0b\x32\x1e.duplex.session.v1.QuotaStatus\x12\x1a\n\x12taken_over_turn_id\x18\x03 \x01(\t\x12<\n\x10\x63\x61ncel_requested\x18\x04 \x01(\x0b\x32\".duplex.session.v1.CancelRequested\"W\n\x0e\x45ndTurnRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x0e\n\x06tokens\x18\x03 \x01(\x04\x12\x10\n\x08\x61udio_ms\x18\x04 \x01(\x04\"\x11\n\x0f\x45ndTurnResponse\"V\n\x13\x41ppendEventsRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12+\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1b.duplex.session.v1.LogEvent\"(\n\x14\x41ppendEventsResponse\x12\x10\n\x08last_seq\x18\x01 \x01(\x04\"T\n\x19\x41ppendEventBatchesRequest\x12\x37\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32&.duplex.session.v1.AppendEventsRequest\"T\n\x1a\x41ppendEventBatchesResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.duplex.session.v1.AppendEventsResult\"j\n\x12\x41ppendEventsResult\x12\x12\n\x08last_seq\x18\x01 \x01(\x04H\x00\x12\x35\n\x05\x65rror\x18\x02 \x01(\x0b\x32$.duplex.session.v1.AppendEventsErrorH\x00\x42\t\n\x07outcome\"2\n\x11\x41ppendEventsError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"[\n\x11ReadEventsRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x11\n\tafter_seq\x18\x03 \x01(\x04\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"A\n\x12ReadEventsResponse\x12+\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x1b.duplex.session.v1.LogEvent\"R\n\x14UpdateSessionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rvoice_options\x18\x03 \x01(\x0c\"D\n\x15UpdateSessionResponse\x12+\n\x07session\x18\x01 \x01(\x0b\x32\x1a.duplex.session.v1.Session\"r\n\x14RequestCancelRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07turn_id\x18\x03 \x01(\t\x12\x11\n\tinterrupt\x18\x04 \x01(\x08\x12\x11\n\tplayed_ms\x18\x05 \x01(\r\"(\n\x15RequestCancelResponse\x12\x0f\n\x07turn_id\x18\x01 \x01(\t\"$\n\x13WatchCancelsRequest\x12\r\n\x05owner\x18\x01 \x01(\t\"\\\n\x0f\x43\x61ncelRequested\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07turn_id\x18\x02 \x01(\t\x12\x11\n\tinterrupt\x18\x03 \x01(\x08\x12\x11\n\tplayed_ms\x18\x04 \x01(\r2\xab\x08\n\x0eSessionService\x12\\\n\x0bOpenSession\x12%.duplex.session.v1.OpenSessionRequest\x1a&.duplex.session.v1.OpenSessionResponse\x12Y\n\nGetSession\x12$.duplex.session.v1.GetSessionRequest\x1a%.duplex.session.v1.GetSessionResponse\x12_\n\x0c\x43loseSession\x12&.duplex.session.v1.CloseSessionRequest\x1a\'.duplex.session.v1.CloseSessionResponse\x12V\n\tBeginTurn\x12#.duplex.session.v1.BeginTurnRequest\x1a$.duplex.session.v1.BeginTurnResponse\x12P\n\x07\x45ndTurn\x12!.duplex.session.v1.EndTurnRequest\x1a\".duplex.session.v1.EndTurnResponse\x12_\n\x0c\x41ppendEvents\x12&.duplex.session.v1.AppendEventsRequest\x1a\'.duplex.session.v1.AppendEventsResponse\x12q\n\x12\x41ppendEventBatches\x12,.duplex.session.v1.AppendEventBatchesRequest\x1a-.duplex.session.v1.AppendEventBatchesResponse\x12[\n\nReadEvents\x12$.duplex.session.v1.ReadEventsRequest\x1a%.duplex.session.v1.ReadEventsResponse0\x01\x12\x62\n\rUpdateSession\x12\'.duplex.session.v1.UpdateSessionRequest\x1a(.duplex.session.v1.UpdateSessionResponse\x12\x62\n\rRequestCancel\x12\'.duplex.session.v1.RequestCancelRequest\x1a(.duplex.session.v1.RequestCancelResponse\x12\\\n\x0cWatchCancels\x12&.duplex.session.v1.WatchCancelsRequest\x1a\".duplex.session.v1.CancelRequested0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,32 +52,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLOSESESSIONRESPONSE']._serialized_end=1038
   _globals['_BEGINTURNREQUEST']._serialized_start=1040
   _globals['_BEGINTURNREQUEST']._serialized_end=1147
-  _globals['_BEGINTURNRESPONSE']._serialized_start=1149
-  _globals['_BEGINTURNRESPONSE']._serialized_end=1261
-  _globals['_ENDTURNREQUEST']._serialized_start=1263
-  _globals['_ENDTURNREQUEST']._serialized_end=1350
-  _globals['_ENDTURNRESPONSE']._serialized_start=1352
-  _globals['_ENDTURNRESPONSE']._serialized_end=1369
-  _globals['_APPENDEVENTSREQUEST']._serialized_start=1371
-  _globals['_APPENDEVENTSREQUEST']._serialized_end=1457
-  _globals['_APPENDEVENTSRESPONSE']._serialized_start=1459
-  _globals['_APPENDEVENTSRESPONSE']._serialized_end=1499
-  _globals['_APPENDEVENTBATCHESREQUEST']._serialized_start=1501
-  _globals['_APPENDEVENTBATCHESREQUEST']._serialized_end=1585
-  _globals['_APPENDEVENTBATCHESRESPONSE']._serialized_start=1587
-  _globals['_APPENDEVENTBATCHESRESPONSE']._serialized_end=1671
-  _globals['_APPENDEVENTSRESULT']._serialized_start=1673
-  _globals['_APPENDEVENTSRESULT']._serialized_end=1779
-  _globals['_APPENDEVENTSERROR']._serialized_start=1781
-  _globals['_APPENDEVENTSERROR']._serialized_end=1831
-  _globals['_READEVENTSREQUEST']._serialized_start=1833
-  _globals['_READEVENTSREQUEST']._serialized_end=1924
-  _globals['_READEVENTSRESPONSE']._serialized_start=1926
-  _globals['_READEVENTSRESPONSE']._serialized_end=1991
-  _globals['_UPDATESESSIONREQUEST']._serialized_start=1993
-  _globals['_UPDATESESSIONREQUEST']._serialized_end=2075
-  _globals['_UPDATESESSIONRESPONSE']._serialized_start=2077
-  _globals['_UPDATESESSIONRESPONSE']._serialized_end=2145
-  _globals['_SESSIONSERVICE']._serialized_start=2148
-  _globals['_SESSIONSERVICE']._serialized_end=3021
+  _globals['_BEGINTURNRESPONSE']._serialized_start=1150
+  _globals['_BEGINTURNRESPONSE']._serialized_end=1324
+  _globals['_ENDTURNREQUEST']._serialized_start=1326
+  _globals['_ENDTURNREQUEST']._serialized_end=1413
+  _globals['_ENDTURNRESPONSE']._serialized_start=1415
+  _globals['_ENDTURNRESPONSE']._serialized_end=1432
+  _globals['_APPENDEVENTSREQUEST']._serialized_start=1434
+  _globals['_APPENDEVENTSREQUEST']._serialized_end=1520
+  _globals['_APPENDEVENTSRESPONSE']._serialized_start=1522
+  _globals['_APPENDEVENTSRESPONSE']._serialized_end=1562
+  _globals['_APPENDEVENTBATCHESREQUEST']._serialized_start=1564
+  _globals['_APPENDEVENTBATCHESREQUEST']._serialized_end=1648
+  _globals['_APPENDEVENTBATCHESRESPONSE']._serialized_start=1650
+  _globals['_APPENDEVENTBATCHESRESPONSE']._serialized_end=1734
+  _globals['_APPENDEVENTSRESULT']._serialized_start=1736
+  _globals['_APPENDEVENTSRESULT']._serialized_end=1842
+  _globals['_APPENDEVENTSERROR']._serialized_start=1844
+  _globals['_APPENDEVENTSERROR']._serialized_end=1894
+  _globals['_READEVENTSREQUEST']._serialized_start=1896
+  _globals['_READEVENTSREQUEST']._serialized_end=1987
+  _globals['_READEVENTSRESPONSE']._serialized_start=1989
+  _globals['_READEVENTSRESPONSE']._serialized_end=2054
+  _globals['_UPDATESESSIONREQUEST']._serialized_start=2056
+  _globals['_UPDATESESSIONREQUEST']._serialized_end=2138
+  _globals['_UPDATESESSIONRESPONSE']._serialized_start=2140
+  _globals['_UPDATESESSIONRESPONSE']._serialized_end=2208
+  _globals['_REQUESTCANCELREQUEST']._serialized_start=2210
+  _globals['_REQUESTCANCELREQUEST']._serialized_end=2324
+  _globals['_REQUESTCANCELRESPONSE']._serialized_start=2326
+  _globals['_REQUESTCANCELRESPONSE']._serialized_end=2366
+  _globals['_WATCHCANCELSREQUEST']._serialized_start=2368
+  _globals['_WATCHCANCELSREQUEST']._serialized_end=2404
+  _globals['_CANCELREQUESTED']._serialized_start=2406
+  _globals['_CANCELREQUESTED']._serialized_end=2498
+  _globals['_SESSIONSERVICE']._serialized_start=2501
+  _globals['_SESSIONSERVICE']._serialized_end=3568
 # @@protoc_insertion_point(module_scope)

@@ -126,14 +126,16 @@ class BeginTurnRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., owner: _Optional[str] = ..., uses_audio: _Optional[bool] = ...) -> None: ...
 
 class BeginTurnResponse(_message.Message):
-    __slots__ = ("last_seq", "quota", "taken_over_turn_id")
+    __slots__ = ("last_seq", "quota", "taken_over_turn_id", "cancel_requested")
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
     QUOTA_FIELD_NUMBER: _ClassVar[int]
     TAKEN_OVER_TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     last_seq: int
     quota: QuotaStatus
     taken_over_turn_id: str
-    def __init__(self, last_seq: _Optional[int] = ..., quota: _Optional[_Union[QuotaStatus, _Mapping]] = ..., taken_over_turn_id: _Optional[str] = ...) -> None: ...
+    cancel_requested: CancelRequested
+    def __init__(self, last_seq: _Optional[int] = ..., quota: _Optional[_Union[QuotaStatus, _Mapping]] = ..., taken_over_turn_id: _Optional[str] = ..., cancel_requested: _Optional[_Union[CancelRequested, _Mapping]] = ...) -> None: ...
 
 class EndTurnRequest(_message.Message):
     __slots__ = ("session_id", "turn_id", "tokens", "audio_ms")
@@ -226,3 +228,41 @@ class UpdateSessionResponse(_message.Message):
     SESSION_FIELD_NUMBER: _ClassVar[int]
     session: Session
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+
+class RequestCancelRequest(_message.Message):
+    __slots__ = ("user_id", "session_id", "turn_id", "interrupt", "played_ms")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPT_FIELD_NUMBER: _ClassVar[int]
+    PLAYED_MS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    session_id: str
+    turn_id: str
+    interrupt: bool
+    played_ms: int
+    def __init__(self, user_id: _Optional[str] = ..., session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., interrupt: _Optional[bool] = ..., played_ms: _Optional[int] = ...) -> None: ...
+
+class RequestCancelResponse(_message.Message):
+    __slots__ = ("turn_id",)
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    turn_id: str
+    def __init__(self, turn_id: _Optional[str] = ...) -> None: ...
+
+class WatchCancelsRequest(_message.Message):
+    __slots__ = ("owner",)
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    owner: str
+    def __init__(self, owner: _Optional[str] = ...) -> None: ...
+
+class CancelRequested(_message.Message):
+    __slots__ = ("session_id", "turn_id", "interrupt", "played_ms")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERRUPT_FIELD_NUMBER: _ClassVar[int]
+    PLAYED_MS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    turn_id: str
+    interrupt: bool
+    played_ms: int
+    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., interrupt: _Optional[bool] = ..., played_ms: _Optional[int] = ...) -> None: ...

@@ -81,6 +81,16 @@ class SessionServiceStub:
                 request_serializer=duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionRequest.SerializeToString,
                 response_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionResponse.FromString,
                 _registered_method=True)
+        self.RequestCancel = channel.unary_unary(
+                '/duplex.session.v1.SessionService/RequestCancel',
+                request_serializer=duplex_dot_session_dot_v1_dot_session__pb2.RequestCancelRequest.SerializeToString,
+                response_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.RequestCancelResponse.FromString,
+                _registered_method=True)
+        self.WatchCancels = channel.unary_stream(
+                '/duplex.session.v1.SessionService/WatchCancels',
+                request_serializer=duplex_dot_session_dot_v1_dot_session__pb2.WatchCancelsRequest.SerializeToString,
+                response_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.CancelRequested.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -153,6 +163,23 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RequestCancel(self, request, context):
+        """RequestCancel asks the session's running turn to stop, whichever gateway runs it: the request is
+        recorded on the turn (its owner's BeginTurn renewals report it) and sent at once to the owner's
+        WatchCancels streams.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchCancels(self, request, context):
+        """WatchCancels streams the cancel requests for turns `owner` runs, as they are made. A gateway keeps
+        one open; after a reconnect it renews its turns' leases, which report any request it missed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +227,16 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.UpdateSession,
                     request_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionRequest.FromString,
                     response_serializer=duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionResponse.SerializeToString,
+            ),
+            'RequestCancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.RequestCancel,
+                    request_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.RequestCancelRequest.FromString,
+                    response_serializer=duplex_dot_session_dot_v1_dot_session__pb2.RequestCancelResponse.SerializeToString,
+            ),
+            'WatchCancels': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCancels,
+                    request_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.WatchCancelsRequest.FromString,
+                    response_serializer=duplex_dot_session_dot_v1_dot_session__pb2.CancelRequested.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -447,6 +484,60 @@ class SessionService:
             '/duplex.session.v1.SessionService/UpdateSession',
             duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionRequest.SerializeToString,
             duplex_dot_session_dot_v1_dot_session__pb2.UpdateSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RequestCancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/duplex.session.v1.SessionService/RequestCancel',
+            duplex_dot_session_dot_v1_dot_session__pb2.RequestCancelRequest.SerializeToString,
+            duplex_dot_session_dot_v1_dot_session__pb2.RequestCancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCancels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/duplex.session.v1.SessionService/WatchCancels',
+            duplex_dot_session_dot_v1_dot_session__pb2.WatchCancelsRequest.SerializeToString,
+            duplex_dot_session_dot_v1_dot_session__pb2.CancelRequested.FromString,
             options,
             channel_credentials,
             insecure,
