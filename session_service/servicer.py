@@ -176,12 +176,12 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
 
     async def WatchCancels(
         self, request: session_pb2.WatchCancelsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[session_pb2.CancelRequested]:
+    ) -> AsyncIterator[session_pb2.WatchCancelsResponse]:
         _require(owner=request.owner)
         requests = self._store.watch_cancels(request.owner)
         async with contextlib.aclosing(requests):
             async for cancel in requests:
-                yield _cancel_to_proto(cancel)
+                yield session_pb2.WatchCancelsResponse(cancel=_cancel_to_proto(cancel))
 
     async def EndTurn(
         self, request: session_pb2.EndTurnRequest, context: grpc.aio.ServicerContext

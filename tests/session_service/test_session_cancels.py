@@ -37,8 +37,8 @@ class Watcher:
         self._task = asyncio.create_task(self._collect())
 
     async def _collect(self) -> None:
-        async for request in self.call:
-            await self.received.put(request)
+        async for response in self.call:
+            await self.received.put(response.cancel)
 
     async def next(self, timeout: float = 3.0) -> session_pb2.CancelRequested:
         return await asyncio.wait_for(self.received.get(), timeout)

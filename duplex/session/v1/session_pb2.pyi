@@ -255,6 +255,12 @@ class WatchCancelsRequest(_message.Message):
     owner: str
     def __init__(self, owner: _Optional[str] = ...) -> None: ...
 
+class WatchCancelsResponse(_message.Message):
+    __slots__ = ("cancel",)
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    cancel: CancelRequested
+    def __init__(self, cancel: _Optional[_Union[CancelRequested, _Mapping]] = ...) -> None: ...
+
 class CancelRequested(_message.Message):
     __slots__ = ("session_id", "turn_id", "interrupt", "played_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]

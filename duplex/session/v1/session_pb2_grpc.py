@@ -89,7 +89,7 @@ class SessionServiceStub:
         self.WatchCancels = channel.unary_stream(
                 '/duplex.session.v1.SessionService/WatchCancels',
                 request_serializer=duplex_dot_session_dot_v1_dot_session__pb2.WatchCancelsRequest.SerializeToString,
-                response_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.CancelRequested.FromString,
+                response_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.WatchCancelsResponse.FromString,
                 _registered_method=True)
 
 
@@ -236,7 +236,7 @@ def add_SessionServiceServicer_to_server(servicer, server):
             'WatchCancels': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchCancels,
                     request_deserializer=duplex_dot_session_dot_v1_dot_session__pb2.WatchCancelsRequest.FromString,
-                    response_serializer=duplex_dot_session_dot_v1_dot_session__pb2.CancelRequested.SerializeToString,
+                    response_serializer=duplex_dot_session_dot_v1_dot_session__pb2.WatchCancelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -537,7 +537,7 @@ class SessionService:
             target,
             '/duplex.session.v1.SessionService/WatchCancels',
             duplex_dot_session_dot_v1_dot_session__pb2.WatchCancelsRequest.SerializeToString,
-            duplex_dot_session_dot_v1_dot_session__pb2.CancelRequested.FromString,
+            duplex_dot_session_dot_v1_dot_session__pb2.WatchCancelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
