@@ -486,12 +486,15 @@ class RedisSessionStore:
         await self._redis.publish(self._keys.cancels(owner), f"{session_id} {running} {flag} {played_ms}")
         return running
 
-    async def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest]:
+    async def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest | None]:
         with _unavailable_when_redis_is():
-            async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+            async with self._redis.pubsub() as pubsub:
                 await pubsub.subscribe(self._keys.cancels(owner))
                 async for message in pubsub.listen():
-                    yield _published_cancel(message["data"])
+                    if message["type"] == "subscribe":
+                        yield None  # Redis confirmed it: every publish from now on reaches us
+                    elif message["type"] == "message":
+                        yield _published_cancel(message["data"])
 
     # -- the event log
 

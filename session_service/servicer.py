@@ -181,7 +181,10 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
         requests = self._store.watch_cancels(request.owner)
         async with contextlib.aclosing(requests):
             async for cancel in requests:
-                yield session_pb2.WatchCancelsResponse(cancel=_cancel_to_proto(cancel))
+                if cancel is None:
+                    yield session_pb2.WatchCancelsResponse()  # the watch is in place
+                else:
+                    yield session_pb2.WatchCancelsResponse(cancel=_cancel_to_proto(cancel))
 
     async def EndTurn(
         self, request: session_pb2.EndTurnRequest, context: grpc.aio.ServicerContext

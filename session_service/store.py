@@ -169,8 +169,9 @@ class SessionStore(Protocol):
         turn, where its owner's renewals see it, and send it to the owner's watchers. Returns the turn
         asked, "" when none (or not that one) runs. A later request replaces an earlier one."""
 
-    def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest]:
-        """The cancel requests made from now on for turns `owner` runs, until the caller stops."""
+    def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest | None]:
+        """None once the watch is in place, then the cancel requests made from then on for turns `owner`
+        runs, until the caller stops. (A request made before the None is seen by the owner's renewals.)"""
 
 
 # -- rules and messages shared by every backend
@@ -264,11 +265,12 @@ class CancelFeeds:
             except asyncio.QueueFull:
                 log.warning("a cancel watcher of %s is %d requests behind; dropping one", owner, queue.qsize())
 
-    async def watch(self, owner: str) -> AsyncIterator[CancelRequest]:
+    async def watch(self, owner: str) -> AsyncIterator[CancelRequest | None]:
         queue: asyncio.Queue[CancelRequest] = asyncio.Queue(self.QUEUE_REQUESTS)
         watchers = self._watchers.setdefault(owner, set())
         watchers.add(queue)
         try:
+            yield None  # in place: every request from now on reaches the queue
             while True:
                 yield await queue.get()
         finally:
@@ -508,7 +510,7 @@ class MemorySessionStore:
         self._cancels.publish(turn.owner, turn.cancel)
         return turn.turn_id
 
-    def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest]:
+    def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest | None]:
         return self._cancels.watch(owner)
 
     # -- the event log

@@ -34,10 +34,14 @@ class Watcher:
     def __init__(self, stub, owner: str):
         self.call = stub.WatchCancels(session_pb2.WatchCancelsRequest(owner=owner))
         self.received: asyncio.Queue[session_pb2.CancelRequested] = asyncio.Queue()
+        self.in_place = asyncio.Event()  # the first response, which carries no cancel, arrived
         self._task = asyncio.create_task(self._collect())
 
     async def _collect(self) -> None:
         async for response in self.call:
+            if not response.HasField("cancel"):
+                self.in_place.set()
+                continue
             await self.received.put(response.cancel)
 
     async def next(self, timeout: float = 3.0) -> session_pb2.CancelRequested:
@@ -50,7 +54,8 @@ class Watcher:
 
 async def watching(stub, owner: str) -> Watcher:
     watcher = Watcher(stub, owner)
-    await asyncio.sleep(0.2)  # subscribed before the requests these tests make (requests are not replayed)
+    # Requests are not replayed: the watch must be in place before the requests these tests make.
+    await asyncio.wait_for(watcher.in_place.wait(), 3.0)
     return watcher
 
 

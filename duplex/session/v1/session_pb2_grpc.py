@@ -173,8 +173,9 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchCancels(self, request, context):
-        """WatchCancels streams the cancel requests for turns `owner` runs, as they are made. A gateway keeps
-        one open; after a reconnect it renews its turns' leases, which report any request it missed.
+        """WatchCancels streams the cancel requests for turns `owner` runs, as they are made. Its first response
+        carries no cancel: it says the watch is in place. A gateway keeps one open; each time that first
+        response arrives it renews its turns' leases, which report any request made before.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
