@@ -12,6 +12,7 @@ from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgumen
 from duplex.session.v1 import session_pb2
 from gateway import personas
 from gateway.auth import Authenticator
+from gateway.cancels import stop_turn
 from gateway.hub import UNLOGGED_LIMIT, HubRegistry, SessionHub, error_event, is_terminal
 from gateway.recovery import end_abandoned_turn
 from gateway.settings import GatewaySettings
@@ -69,20 +70,39 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         user_id = self._identity.user_id(context)
         _validate_id("session_id", request.session_id, required=True)
         await self.services.sessions.get(user_id, request.session_id)  # NOT_FOUND unless the user's
-        hub = self.hubs.get(request.session_id)
-        return chat_pb2.CancelTurnResponse(cancelled=cancel_running_turn(hub, request.turn_id))
+        cancelled = await self.stop_turn(user_id, request.session_id, request.turn_id)
+        return chat_pb2.CancelTurnResponse(cancelled=cancelled)
 
     async def CloseSession(self, request: chat_pb2.CloseSessionRequest, context) -> chat_pb2.CloseSessionResponse:
         user_id = self._identity.user_id(context)
         _validate_id("session_id", request.session_id, required=True)
-        await self.services.sessions.get(user_id, request.session_id)  # NOT_FOUND unless the user's
+        session = await self.services.sessions.get(user_id, request.session_id)  # NOT_FOUND unless the user's
         await self.voice_inputs.discard(request.session_id, Unavailable("the session was closed"))
         hub = self.hubs.get(request.session_id)
         turn = hub.turn if hub is not None else None
-        if cancel_running_turn(hub, ""):
-            await turn.wait_finished()  # the cancelled turn still ends, with usage, before the log goes
+        # The cancelled turn still ends, with usage, before the log goes.
+        if await self.stop_turn(user_id, request.session_id):
+            if turn is not None:
+                await turn.wait_finished()
+            else:
+                await self._until_no_turn_runs(user_id, request.session_id, session.last_seq)
         await self.services.sessions.close(user_id, request.session_id)
         return chat_pb2.CloseSessionResponse()
+
+    async def stop_turn(
+        self, user_id: str, session_id: str, turn_id: str = "", interrupt: bool = False, played_ms: int = 0
+    ) -> bool:
+        """Stop the session's running turn on whichever replica runs it (gateway.cancels)."""
+        return await stop_turn(self.services.sessions, self.hubs, user_id, session_id, turn_id, interrupt, played_ms)
+
+    async def _until_no_turn_runs(self, user_id: str, session_id: str, after_seq: int) -> None:
+        """Wait (bounded) for a turn stopped on another replica to end: following the log ends once no
+        turn runs and everything logged was read."""
+        events = self.services.sessions.read_events(user_id, session_id, after_seq, follow=True)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._settings.rpc_timeout_seconds), contextlib.aclosing(events):
+                async for _ in events:
+                    pass
 
     async def SendAudio(self, request: chat_pb2.SendAudioRequest, context) -> chat_pb2.SendAudioResponse:
         user_id = self._identity.user_id(context)
@@ -233,26 +253,6 @@ def _validate_id(name: str, value: str, required: bool = False) -> None:
         raise InvalidArgument(f"{name} is longer than {MAX_ID_CHARS} characters")
 
 
-def cancel_running_turn(hub: SessionHub | None, turn_id: str) -> bool:
-    turn = _running_turn(hub, turn_id)
-    if turn is None:
-        return False
-    turn.cancel()
-    return True
-
-
-def interrupt_running_turn(hub: SessionHub | None, interrupt: chat_pb2.Interrupt) -> bool:
-    turn = _running_turn(hub, interrupt.turn_id)
-    return turn is not None and turn.interrupt(interrupt.played_ms)
-
-
-def _running_turn(hub: SessionHub | None, turn_id: str):
-    turn = hub.turn if hub is not None else None
-    if turn is None or turn.answered or (turn_id and turn_id != turn.id):
-        return None  # already ended (its terminal event says how) or running on another replica
-    return turn
-
-
 class ChatConnection:
     """One Chat stream. A reader task handles requests; a follower task relays the session's logged
     events; both feed one bounded outbox that this stream writes, so the client sees one ordered stream."""
@@ -309,7 +309,7 @@ class ChatConnection:
             elif kind == "message":
                 await self._send(request.message)
             elif kind == "cancel":
-                cancel_running_turn(self._require_hub(), request.cancel.turn_id)
+                await self._stop(request.cancel.turn_id)
             elif kind == "ping":
                 await self._emit(chat_pb2.ChatEvent(pong=chat_pb2.Pong(nonce=request.ping.nonce)))
             elif kind == "audio":
@@ -317,7 +317,7 @@ class ChatConnection:
             elif kind == "commit":
                 await self._voice_input().commit(_checked_id(request.commit.client_message_id))
             elif kind == "interrupt":
-                interrupt_running_turn(self._require_hub(), request.interrupt)
+                await self._stop(request.interrupt.turn_id, interrupt=True, played_ms=request.interrupt.played_ms)
             elif kind == "update_session":
                 await self._update_session(request.update_session)
             else:
@@ -326,6 +326,10 @@ class ChatConnection:
                 )
         except DuplexError as error:
             await self._emit(error_event(error))
+
+    async def _stop(self, turn_id: str, interrupt: bool = False, played_ms: int = 0) -> None:
+        hub = self._require_hub()
+        await self._servicer.stop_turn(self._user_id, hub.session_id, turn_id, interrupt, played_ms)
 
     def _voice_input(self) -> VoiceInput:
         return self._servicer.voice_input(self._require_hub(), self._session)

@@ -97,6 +97,28 @@ class SessionClient:
             for result in response.results
         ]
 
+    @_translated("session service")
+    async def request_cancel(
+        self, user_id: str, session_id: str, turn_id: str = "", interrupt: bool = False, played_ms: int = 0
+    ) -> str:
+        """Ask the session's running turn (turn_id, or whichever runs when empty) to stop, on whichever
+        replica runs it. Returns the turn asked; empty when none (or not that one) runs."""
+        request = session_pb2.RequestCancelRequest(
+            user_id=user_id, session_id=session_id, turn_id=turn_id, interrupt=interrupt, played_ms=played_ms
+        )
+        return (await self._stub.RequestCancel(request, timeout=self._timeout)).turn_id
+
+    async def watch_cancels(self, owner: str) -> AsyncIterator[session_pb2.CancelRequested | None]:
+        """None once the watch is in place, then each cancel request for the turns `owner` runs."""
+        call = self._stub.WatchCancels(session_pb2.WatchCancelsRequest(owner=owner))
+        try:
+            async for response in call:
+                yield response.cancel if response.HasField("cancel") else None
+        except grpc.aio.AioRpcError as error:
+            raise from_rpc_error(error, "session service") from None
+        finally:
+            call.cancel()
+
     async def read_events(
         self, user_id: str, session_id: str, after_seq: int, follow: bool
     ) -> AsyncIterator[session_pb2.LogEvent]:

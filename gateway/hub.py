@@ -12,11 +12,15 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
 
 from duplex.chat.v1 import chat_pb2
 from duplex.common.errors import DuplexError, OutOfRange
 from duplex.session.v1 import session_pb2
 from gateway.clients import SessionClient
+
+if TYPE_CHECKING:
+    from gateway.turn import Turn
 
 log = logging.getLogger(__name__)
 
@@ -247,19 +251,30 @@ class HubRegistry:
             await self._flush_dirty()
             await self._renew_quiet_leases()
 
+    async def renew_leases(self) -> None:
+        """Renew every running turn's lease; the answers report stops asked while this replica was not
+        watching for them (gateway.cancels)."""
+        await self._renew([(hub, hub.turn) for hub in self._hubs.values() if hub.turn is not None])
+
     async def _renew_quiet_leases(self) -> None:
         """A turn that logs nothing for a while (waiting for a slow first token, running a tool) renews
         its lease, so other replicas never mistake it for one whose gateway died."""
         due = time.monotonic() - self._lease_renew_interval
-        quiet = [hub for hub in self._hubs.values() if hub.turn is not None and hub.logged_at < due]
-        for hub, result in zip(quiet, await asyncio.gather(*(self._renew(hub) for hub in quiet),
-                                                          return_exceptions=True), strict=True):
-            if isinstance(result, Exception):
+        await self._renew([
+            (hub, hub.turn) for hub in self._hubs.values() if hub.turn is not None and hub.logged_at < due
+        ])
+
+    async def _renew(self, turns: list[tuple[SessionHub, "Turn"]]) -> None:
+        results = await asyncio.gather(*(self._renew_lease(hub, turn) for hub, turn in turns), return_exceptions=True)
+        for (hub, turn), result in zip(turns, results, strict=True):
+            if isinstance(result, Exception) and hub.turn is turn:  # one that ended meanwhile needs no lease
                 log.warning("session %s: turn lease not renewed: %s", hub.session_id, result)
 
-    async def _renew(self, hub: SessionHub) -> None:
-        await self._sessions.begin_turn(hub.user_id, hub.session_id, hub.turn.id, self._owner)  # same id renews
+    async def _renew_lease(self, hub: SessionHub, turn: "Turn") -> None:
+        begun = await self._sessions.begin_turn(hub.user_id, hub.session_id, turn.id, self._owner)  # same id renews
         hub.logged_at = time.monotonic()
+        if begun.HasField("cancel_requested"):  # asked on another replica
+            turn.stop(begun.cancel_requested.interrupt, begun.cancel_requested.played_ms)
 
     async def _flush_dirty(self) -> None:
         """Log every dirty hub's events in one AppendEventBatches call (more only past one call's bounds),

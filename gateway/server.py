@@ -11,6 +11,7 @@ from duplex.chat.v1 import chat_pb2, chat_pb2_grpc, conversation_pb2, conversati
 from duplex.common.logs import configure_logging
 from duplex.common.server import GrpcServer, insecure_channel, is_serving, serve_until_signal
 from gateway.auth import Authenticator
+from gateway.cancels import CancelWatch
 from gateway.chat import ChatServicer
 from gateway.clients import HistoryClient, LlmClient, SessionClient
 from gateway.conversations import ConversationServicer
@@ -49,6 +50,7 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
         settings.turn_lease_renew_seconds,
     )
     turns = TurnManager(services, hubs, settings, owner)
+    cancel_watch = CancelWatch(services.sessions, hubs, owner)
     identity = Authenticator(settings)
     identity.warn_if_disabled()
     voice_inputs = VoiceInputs(hubs, check_interval=max(1.0, settings.voice_input_idle_seconds / 4))
@@ -66,14 +68,16 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
             await channel.close()
 
     # Closed in reverse: the health watcher, then running turns (they still log and store), then the
-    # event flusher's last flush, then the channels they all use.
+    # event flusher's last flush, the watch for cancels from other replicas, then the channels they all use.
     server.on_stop(close_channels)
+    server.on_stop(cancel_watch.close)
     server.on_stop(hubs.close)
     server.on_stop(turns.close)
     server.on_stop(voice_inputs.close)  # first: no utterance starts a turn once turns are closing
     server.on_drain(chat.drain)
     await server.start(settings.gateway_listen)
     hubs.start()
+    cancel_watch.start()
     voice_inputs.start()
     try:
         # The browser edge (None when DUPLEX_HTTP_LISTEN is empty); `server.web.port` is its HTTP port.

@@ -149,6 +149,18 @@ class Turn:
         self.cancel()
         return True
 
+    def stop(self, interrupt: bool = False, played_ms: int | None = None) -> bool:
+        """A stop asked by a client, on this replica or another (gateway.cancels): cancel, or for a barge-in
+        interrupt. True while the turn is still answering; asking again changes nothing."""
+        if self._answered:
+            return False
+        if not self._cancel_requested:
+            if interrupt:
+                self.interrupt(played_ms)
+            else:
+                self.cancel()
+        return True
+
     def publish_voice(self, event: chat_pb2.ChatEvent) -> None:
         """An event of the utterance this turn hears (speech started / stopped, transcripts)."""
         if not self._answered:
