@@ -2,6 +2,11 @@
 
 Children run in their own process group, so a terminal's Ctrl-C reaches only this launcher, which then
 stops them in order (gateway first) with SIGTERM, and SIGKILL only after a grace period.
+
+A service that dies while the system runs is restarted (one line on stderr says which, how it ended and
+when it comes back), with a delay that doubles from RESTART_FIRST_DELAY_SECONDS up to
+RESTART_MAX_DELAY_SECONDS while it keeps crashing, and starts over once a run lasted
+RESTART_RESET_AFTER_SECONDS. The others keep running. Nothing is restarted once a stop was asked for.
 """
 
 import asyncio
@@ -14,6 +19,9 @@ from dataclasses import dataclass
 from duplex.common.server import insecure_channel, is_serving
 
 STOP_TIMEOUT_SECONDS = 15.0
+RESTART_FIRST_DELAY_SECONDS = 0.5
+RESTART_MAX_DELAY_SECONDS = 10.0
+RESTART_RESET_AFTER_SECONDS = 30.0
 
 
 @dataclass(frozen=True)
@@ -68,12 +76,95 @@ async def wait_serving(spec: ServiceSpec, process: asyncio.subprocess.Process, e
         deadline = asyncio.get_running_loop().time() + timeout
         while not await is_serving(channel, spec.health_name, timeout=1.0):
             if process.returncode is not None:
-                raise RuntimeError(f"{spec.module} exited with code {process.returncode}")
+                raise RuntimeError(f"{spec.module} exited with {describe_exit(process.returncode)}")
             if asyncio.get_running_loop().time() > deadline:
                 raise RuntimeError(f"{spec.module} was not SERVING after {timeout:.0f}s")
             await asyncio.sleep(0.1)
     finally:
         await channel.close()
+
+
+def describe_exit(returncode: int) -> str:
+    """`exit code 1`, or `signal SIGKILL` for a process a signal ended (asyncio reports it as -signum)."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+class Backoff:
+    """The delay before the next restart: doubles per crash up to `maximum`, and starts over at `first`
+    once a run lasted `reset_after` seconds."""
+
+    def __init__(self, first: float = RESTART_FIRST_DELAY_SECONDS, maximum: float = RESTART_MAX_DELAY_SECONDS,
+                 reset_after: float = RESTART_RESET_AFTER_SECONDS):
+        self.first, self.maximum, self.reset_after = first, maximum, reset_after
+        self._next = first
+
+    def next_delay(self, ran_seconds: float) -> float:
+        if ran_seconds >= self.reset_after:
+            self._next = self.first
+        delay = self._next
+        self._next = min(self._next * 2, self.maximum)
+        return delay
+
+
+class Supervised:
+    """One service's process, restarted whenever it dies until `stop` is set."""
+
+    def __init__(self, spec: ServiceSpec, env: dict[str, str], process: asyncio.subprocess.Process,
+                 stop: asyncio.Event, startup_timeout: float, backoff: Backoff | None = None):
+        self.spec = spec
+        self.process = process
+        self._env = env
+        self._stop = stop
+        self._startup_timeout = startup_timeout
+        self._backoff = backoff or Backoff()
+        self.restarts = 0
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        started_at = loop.time()
+        while True:
+            if not await _until_or_stop(self.process.wait(), self._stop):
+                return
+            ran = loop.time() - started_at
+            delay = self._backoff.next_delay(ran)
+            print(
+                f"duplex: {self.spec.module} (pid {self.process.pid}) exited with "
+                f"{describe_exit(self.process.returncode)} after {ran:.1f}s; restarting it in {delay:.1f}s",
+                file=sys.stderr, flush=True,
+            )
+            if not await _until_or_stop(asyncio.sleep(delay), self._stop):
+                return
+            self.process = await start(self.spec, self._env)
+            self.restarts += 1
+            started_at = loop.time()
+            with contextlib.suppress(RuntimeError):  # it died again or is slow: the loop reports the exit
+                if await _until_or_stop(
+                    wait_serving(self.spec, self.process, self._env, self._startup_timeout), self._stop
+                ):
+                    print(f"duplex: {self.spec.module} (pid {self.process.pid}) is serving again",
+                          file=sys.stderr, flush=True)
+
+
+async def _until_or_stop(awaitable, stop: asyncio.Event) -> bool:
+    """Await `awaitable` unless `stop` is set first (then cancel it). True if it finished; its error is raised."""
+    task = asyncio.ensure_future(awaitable)
+    stopper = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopper):
+            pending.cancel()
+        await asyncio.gather(task, stopper, return_exceptions=True)
+    if task.cancelled() or stop.is_set():
+        return False
+    if task.exception() is not None:
+        raise task.exception()
+    return True
 
 
 async def stop_all(processes: list[tuple[ServiceSpec, asyncio.subprocess.Process]]) -> None:
@@ -93,6 +184,8 @@ async def stop_all(processes: list[tuple[ServiceSpec, asyncio.subprocess.Process
 async def run_all(startup_timeout: float) -> int:
     env = child_environment()
     processes: list[tuple[ServiceSpec, asyncio.subprocess.Process]] = []
+    supervised: list[Supervised] = []
+    tasks: list[asyncio.Task] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -101,45 +194,25 @@ async def run_all(startup_timeout: float) -> int:
         for spec in SERVICES:
             process = await start(spec, env)
             processes.append((spec, process))
-            await _wait_or_stop(wait_serving(spec, process, env, startup_timeout), stop)
-        if stop.is_set():
-            return 130
+            if not await _until_or_stop(wait_serving(spec, process, env, startup_timeout), stop):
+                return 130
         print_addresses(env)
-        exited = await _wait_for_exit_or_stop(processes, stop)
-        if exited is not None:
-            print(f"duplex: {exited.module} stopped unexpectedly; stopping the rest", file=sys.stderr)
-            return 1
+        supervised = [Supervised(spec, env, process, stop, startup_timeout) for spec, process in processes]
+        tasks = [asyncio.create_task(service.run()) for service in supervised]
+        await asyncio.gather(*tasks)
         return 0
     except RuntimeError as error:
         print(f"duplex: {error}", file=sys.stderr)
         return 1
     finally:
+        stop.set()
+        # Each supervisor returns once `stop` is set, with its service's current process in `.process`
+        # (one being restarted right now included).
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if supervised:
+            processes = [(service.spec, service.process) for service in supervised]
         await stop_all(processes)
         print("duplex: all services stopped", file=sys.stderr)
-
-
-async def _wait_or_stop(waiting, stop: asyncio.Event) -> None:
-    task = asyncio.create_task(waiting)
-    stopper = asyncio.create_task(stop.wait())
-    try:
-        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pending in (task, stopper):
-            pending.cancel()
-        await asyncio.gather(task, stopper, return_exceptions=True)
-    if task.done() and not task.cancelled() and task.exception() is not None:
-        raise task.exception()
-
-
-async def _wait_for_exit_or_stop(processes, stop: asyncio.Event) -> ServiceSpec | None:
-    waits = {asyncio.create_task(process.wait()): spec for spec, process in processes}
-    stopper = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({*waits, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    for task in (*waits, stopper):
-        task.cancel()
-    await asyncio.gather(*waits, stopper, return_exceptions=True)
-    exited = [waits[task] for task in done if task in waits]
-    return exited[0] if exited and not stop.is_set() else None
 
 
 def print_addresses(env: dict[str, str]) -> None:

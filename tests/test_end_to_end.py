@@ -4,6 +4,7 @@ and a resumed stream against them, then a clean Ctrl-C."""
 import asyncio
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -181,3 +182,104 @@ async def chat_cancel_and_resume(gateway: str) -> None:
         rest = [response.event async for response in resumed]
         assert [e.seq for e in rest] == list(range(seen[-1].seq + 1, seen[-1].seq + 1 + len(rest)))
         assert rest[-1].WhichOneof("kind") == "turn_completed"
+
+
+class Output:
+    """Everything a process wrote to a pipe so far; `wait_for` reads on until a pattern shows up."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.text = ""
+
+    def wait_for(self, pattern: str, start: int = 0, timeout: float = 30.0) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while (match := re.compile(pattern).search(self.text, start)) is None:
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {pattern!r} in {self.text[start:]!r}"
+            if select.select([self._stream], [], [], remaining)[0]:
+                chunk = os.read(self._stream.fileno(), 65536).decode()
+                assert chunk, f"pipe closed before {pattern!r}: {self.text[start:]!r}"
+                self.text += chunk
+        return match
+
+    def rest(self) -> str:
+        self.text += self._stream.read()
+        return self.text
+
+
+def services_of(launcher: subprocess.Popen) -> dict[str, int]:
+    """The launcher's child processes by module (`python -m <module>`)."""
+    children = Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split()
+    found = {}
+    for pid in map(int, children):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        found[argv[argv.index(b"-m") + 1].decode()] = pid
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def answer_after(gateway: str, text: str, within: float) -> float:
+    """Seconds until a one-shot chat is answered; it may meet retryable errors for `within` seconds."""
+    started = time.monotonic()
+    while True:
+        answered = subprocess.run([str(BIN / "duplex"), "chat", "--target", gateway, "-m", text],
+                                  capture_output=True, text=True, timeout=60)
+        waited = time.monotonic() - started
+        if answered.returncode == 0:
+            assert text in answered.stdout
+            return waited
+        assert "(retryable)" in answered.stderr and waited < within, answered.stderr
+
+
+def test_duplex_up_restarts_a_service_that_dies_with_backoff_and_keeps_the_others(running_system):
+    ports, launcher = running_system
+    gateway = f"127.0.0.1:{ports['GATEWAY']}"
+    output = Output(launcher.stdout)
+    first = services_of(launcher)
+    assert set(first) == {"llm_service", "session_service", "history_service", "gateway"}
+    seen_pids = set(first.values())
+
+    def kill_and_see_it_back(module: str, delay: str) -> int:
+        pid = services_of(launcher)[module]
+        start = len(output.text)
+        os.kill(pid, signal.SIGKILL)
+        line = output.wait_for(rf"duplex: {module} \(pid {pid}\) exited with signal SIGKILL after [\d.]+s; "
+                               rf"restarting it in {delay}s\n", start)
+        output.wait_for(rf"duplex: {module} \(pid \d+\) is serving again", line.end())
+        assert launcher.poll() is None
+        restarted = services_of(launcher)[module]
+        assert restarted != pid and alive(restarted)
+        seen_pids.add(restarted)
+        return restarted
+
+    kill_and_see_it_back("llm_service", "0.5")
+    answer_after(gateway, "after the crash", within=3.0)
+    kill_and_see_it_back("history_service", "0.5")  # each service backs off on its own
+    answer_after(gateway, "after history came back", within=3.0)
+    kill_and_see_it_back("llm_service", "1.0")  # crashing again soon: the delay doubles
+    answer_after(gateway, "and after two more", within=3.0)
+    now = services_of(launcher)
+    assert now["gateway"] == first["gateway"] and now["session_service"] == first["session_service"]
+
+    # A stop during a restart's delay restarts nothing; every child ends.
+    start = len(output.text)
+    os.kill(now["llm_service"], signal.SIGKILL)
+    output.wait_for(r"duplex: llm_service .* restarting it in 2.0s\n", start)
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=30) == 0, output.rest()
+    rest = output.rest()[start:]
+    assert "all services stopped" in rest and "serving again" not in rest
+    assert "Traceback" not in output.text
+    assert not [pid for pid in seen_pids if alive(pid)]
+    for port in ports.values():
+        with socket.socket() as probe:  # nothing listens on a service port: no restarted service outlived the stop
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the killed ones left TIME_WAITs
+            probe.bind(("127.0.0.1", port))
+            probe.listen()
