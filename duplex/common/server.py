@@ -114,13 +114,17 @@ async def serve_until_signal(server: GrpcServer, grace: float, name: str) -> Non
 
 
 def insecure_channel(target: str) -> grpc.aio.Channel:
-    """A channel to another Duplex service, with keepalive so dead peers are noticed."""
+    """A channel to another Duplex service, with keepalive so dead peers are noticed, and reconnect
+    attempts at most a second apart (grpc's default backoff grows to 120 s) so a restarted peer is found
+    again within about a second; until then calls fail fast with UNAVAILABLE."""
     return grpc.aio.insecure_channel(
         target,
         options=(
             ("grpc.keepalive_time_ms", 30_000),
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.enable_retries", 1),
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 1_000),
         ),
     )
 
