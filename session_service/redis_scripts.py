@@ -1,27 +1,40 @@
-"""The Lua scripts behind RedisSessionStore: every state change is one script, so it is atomic across
+"""The Lua scripts behind RedisSessionStore: every check-and-change is one script, so it is atomic across
 replicas. Each script is PRELUDE + its body.
 
-Layout (P = the key prefix, S = a session id; times are Redis server milliseconds, from TIME, so replicas
-never compare their own clocks):
+Every script touches keys of ONE hash slot, so the same scripts run on a single Redis and on a Redis
+Cluster. A session's keys and the index shard it belongs to share the hash tag {T}, T being the first hex
+digit of the session id (16 shards): the expiry index and the end queue are split into 16 sorted sets
+(one per shard, each living with its sessions), so opening, touching, closing and expiring a session stay
+one script. A user's quota keys share the tag {u:H}, H a digest of the user id (the id itself may hold
+braces). Session state and quota state are thus in different slots: BeginTurn and EndTurn, which change
+both, are several scripts in an order that never loses or double counts (RedisSessionStore.begin_turn,
+.end_turn).
 
-- P session:S   hash: user, conv, model, prompt, persona, created_ms, expires_ms, last_seq,
+Layout (P = the key prefix, S = a session id, T = S's first character, U = a user id, H = its tag digest;
+times are Redis server milliseconds, from TIME, so replicas never compare their own clocks):
+
+- P{T}:session:S   hash: user, conv, model, prompt, persona, created_ms, expires_ms, last_seq,
                 turn, owner, lease_ms (the session's turn: kept after its lease ran out until EndTurn or a
                 takeover, but then no longer running), cancel ("<interrupt 0|1>:<played_ms>" once the turn
                 was asked to stop, else absent or empty), voice (opaque bytes; absent in sessions written
                 before it existed, which read as empty)
-- P log:S       stream: entry `<seq>-0` per event (fields turn, payload, terminal). Entries `<seq>-<n>`
+- P{T}:log:S       stream: entry `<seq>-0` per event (fields turn, payload, terminal). Entries `<seq>-<n>`
                 with n > 0 are control entries (EndTurn, close, expiry) that only wake blocked readers;
                 readers skip them.
-- P turns:S     hash: turn id -> "begun" | "ended" (tokens counted once per turn; no restart of an ended turn),
-                for only the newest MAX_REMEMBERED_TURNS turns (session_service/store.py) and the active one
-- P turnorder:S list: the turn ids of P turns:S, oldest first, so the oldest state is the one forgotten
-- P expiries    sorted set: session id scored by expires_ms; the sweepers' index
-- P ended       sorted set: session ids whose end awaits recording, scored by when to try next
-- P ended:S     hash: user, conv, created_ms, ended_ms, attempts (the record to deliver)
-- P quota:messages:U  sorted set: the user's messages in the last minute (member = session:turn)
-- P quota:tokens:U    hash: day (days since epoch, UTC), used
-- P quota:audio:U     hash: day (days since epoch, UTC), used (milliseconds of audio)
-- P cancels:O   pub/sub channel: cancel requests for the turns gateway O runs ("<sid> <turn> <interrupt> <ms>")
+- P{T}:turns:S     hash: turn id -> "begun" | "counting" | "ended" (no restart of an ended turn; "counting":
+                   ended, its usage being added to the user's quota), for only the newest MAX_REMEMBERED_TURNS
+                   turns (session_service/store.py) and the active one
+- P{T}:turnorder:S list: the turn ids of P{T}:turns:S, oldest first, so the oldest state is the one forgotten
+- P{T}:expiries    sorted set: the shard's session ids scored by expires_ms; the sweepers' index
+- P{T}:ended       sorted set: the shard's session ids whose end awaits recording, scored by when to try next
+- P{T}:ended:S     hash: user, conv, created_ms, ended_ms, attempts (the record to deliver)
+- P{u:H}:quota:messages:U  sorted set: the user's messages in the last minute (member = session:turn)
+- P{u:H}:quota:tokens:U    hash: day (days since epoch, UTC), used
+- P{u:H}:quota:audio:U     hash: day (days since epoch, UTC), used (milliseconds of audio)
+- P{u:H}:quota:counted:U   set: the turns (session:turn) whose usage was added, so a retried EndTurn adds
+                           it once; goes two UTC midnights after it was last written
+- P cancels:O   channel: cancel requests for the turns gateway O runs ("<sid> <turn> <interrupt> <ms>");
+                pub/sub on a single Redis, sharded pub/sub (SPUBLISH / SSUBSCRIBE) on a cluster
 
 Per-session keys carry Redis TTLs of the session TTL plus a grace period: the sweeper decides expiry
 (it must record the end first); Redis' TTL only removes what no sweeper got to, e.g. all replicas down.
@@ -51,11 +64,13 @@ local function load_hash(key)
   return h
 end
 
+-- RedisKeys in redis_store.py builds the same names.
 local function keys_of(prefix, sid)
+  local p = prefix .. '{' .. string.sub(sid, 1, 1) .. '}:'
   return {
-    session = prefix .. 'session:' .. sid, log = prefix .. 'log:' .. sid, turns = prefix .. 'turns:' .. sid,
-    turn_order = prefix .. 'turnorder:' .. sid, expiries = prefix .. 'expiries', ended = prefix .. 'ended',
-    ended_record = prefix .. 'ended:' .. sid,
+    session = p .. 'session:' .. sid, log = p .. 'log:' .. sid, turns = p .. 'turns:' .. sid,
+    turn_order = p .. 'turnorder:' .. sid, expiries = p .. 'expiries', ended = p .. 'ended',
+    ended_record = p .. 'ended:' .. sid,
   }
 end
 
@@ -244,24 +259,44 @@ end_session(k, ARGV[1], s, now, now, ARGV[3])
 return {'OK'}
 """
 
-# KEYS: session keys, messages window, tokens counter, audio counter.
-# ARGV: sid, user, turn, owner, ttl_ms, grace_ms, lease_ms, messages_per_minute, tokens_per_day, max_turns,
-#       audio_ms_per_day, uses_audio ('1' for a turn that hears or speaks audio)
-# Returns OK last_seq messages_remaining tokens_remaining audio_seconds_remaining taken_over_turn cancel | BUSY
-#       | TURN_ENDED | TOKENS retry_ms | AUDIO retry_ms | MESSAGES retry_ms | NOT_FOUND. A refusal changes
-# nothing (beyond forgetting messages older than the window).
+# KEYS: session keys. ARGV: sid, user, turn, owner, ttl_ms, grace_ms, lease_ms, max_turns, quota_held ('1' when
+# the caller holds the new turn's quota, or no quota applies).
+# Returns OK last_seq taken_over_turn cancel | NEEDS_QUOTA (a new turn the session would start; nothing
+# changed) | BUSY | TURN_ENDED | NOT_FOUND. A retry of the session's own turn renews its lease: OK.
 BEGIN_TURN = r"""
 local k = declared_keys()
-local window_key, tokens_key = KEYS[SESSION_KEY_COUNT + 1], KEYS[SESSION_KEY_COUNT + 2]
-local audio_key = KEYS[SESSION_KEY_COUNT + 3]
 local sid, user, turn_id, owner = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local ttl_ms, grace_ms, lease_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local message_limit, token_limit, max_turns = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
-local audio_limit_ms, uses_audio = tonumber(ARGV[11]), ARGV[12] == '1'
+local ttl_ms, grace_ms, lease_ms, max_turns = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local now = now_ms()
 local s = owned_session(k, user, now)
 if s == nil then return {'NOT_FOUND'} end
 
+local taken_over, cancel = '', s.cancel or ''
+if s.turn ~= turn_id then
+  -- A new turn (not a retry of the session's own): every check that can refuse, then the quota.
+  if turn_running(s, now) then return {'BUSY'} end
+  local state = redis.call('HGET', k.turns, turn_id)
+  if state == 'ended' or state == 'counting' then return {'TURN_ENDED'} end
+  if ARGV[9] ~= '1' then return {'NEEDS_QUOTA'} end
+  taken_over, cancel = s.turn, ''
+end
+redis.call('HSET', k.session, 'turn', turn_id, 'owner', owner, 'lease_ms', int(now + lease_ms), 'cancel', cancel)
+remember_turn(k, turn_id, max_turns)
+touch(k, sid, s, now, ttl_ms, grace_ms)
+return {'OK', s.last_seq, taken_over, cancel}
+"""
+
+# KEYS: messages window, tokens counter, audio counter. ARGV: member (session:turn), messages_per_minute,
+# tokens_per_day, audio_ms_per_day, uses_audio ('1' for a turn that hears or speaks audio), take ('1': count
+# the turn's message; '0': only report).
+# Returns OK messages_remaining tokens_remaining audio_seconds_remaining fresh ('1' when this call counted
+# the message) | TOKENS retry_ms | AUDIO retry_ms | MESSAGES retry_ms. A refusal changes nothing (beyond
+# forgetting messages older than the window). A turn already in the window is not counted or refused again.
+TAKE_QUOTA = r"""
+local window_key, tokens_key, audio_key = KEYS[1], KEYS[2], KEYS[3]
+local member, message_limit, token_limit = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local audio_limit_ms, uses_audio, take = tonumber(ARGV[4]), ARGV[5] == '1', ARGV[6] == '1'
+local now = now_ms()
 local day = math.floor(now / DAY_MS)
 local tokens_used = used_today(tokens_key, day)
 local audio_used = used_today(audio_key, day)
@@ -271,11 +306,8 @@ if message_limit > 0 then
   sent = redis.call('ZCARD', window_key)
 end
 
-local taken_over, cancel = '', s.cancel or ''
-if s.turn ~= turn_id then
-  -- A new turn (not a retry of the session's own): every check that can refuse, then count it.
-  if turn_running(s, now) then return {'BUSY'} end
-  if redis.call('HGET', k.turns, turn_id) == 'ended' then return {'TURN_ENDED'} end
+local fresh = '0'
+if take and not (message_limit > 0 and redis.call('ZSCORE', window_key, member)) then
   if token_limit > 0 and tokens_used >= token_limit then
     return {'TOKENS', int((day + 1) * DAY_MS - now)}
   end
@@ -288,18 +320,19 @@ if s.turn ~= turn_id then
       local oldest = tonumber(redis.call('ZRANGE', window_key, 0, 0, 'WITHSCORES')[2])
       return {'MESSAGES', int(oldest + MINUTE_MS - now)}
     end
-    redis.call('ZADD', window_key, now, sid .. ':' .. turn_id)
+    redis.call('ZADD', window_key, now, member)
     redis.call('PEXPIRE', window_key, MINUTE_MS)
     sent = sent + 1
+    fresh = '1'
   end
-  taken_over, cancel = s.turn, ''
 end
-redis.call('HSET', k.session, 'turn', turn_id, 'owner', owner, 'lease_ms', int(now + lease_ms), 'cancel', cancel)
-remember_turn(k, turn_id, max_turns)
-touch(k, sid, s, now, ttl_ms, grace_ms)
-return {'OK', s.last_seq, remaining_or_unlimited(message_limit, sent),
-        remaining_or_unlimited(token_limit, tokens_used), audio_seconds_remaining(audio_limit_ms, audio_used),
-        taken_over, cancel}
+return {'OK', remaining_or_unlimited(message_limit, sent), remaining_or_unlimited(token_limit, tokens_used),
+        audio_seconds_remaining(audio_limit_ms, audio_used), fresh}
+"""
+
+# KEYS: messages window. ARGV: member. Gives back a message TAKE_QUOTA counted for a turn that did not begin.
+GIVE_BACK_QUOTA = r"""
+return redis.call('ZREM', KEYS[1], ARGV[1])
 """
 
 # KEYS: session keys. ARGV: sid, user, turn ('' = the running one), interrupt ('0' | '1'), played_ms
@@ -315,26 +348,52 @@ redis.call('HSET', k.session, 'cancel', ARGV[4] .. ':' .. ARGV[5])
 return {'OK', s.turn, s.owner}
 """
 
-# KEYS: session keys. ARGV: sid, turn, tokens, prefix, ttl_ms, grace_ms, audio_ms
+# KEYS: session keys. ARGV: sid, turn, ttl_ms, grace_ms, has_usage ('1' when the turn used tokens or audio).
+# Returns OK count user: count '1' when the caller must add the turn's usage to the user's quota (ADD_USAGE,
+# then TURN_COUNTED); the turn stays "counting" until then, so a retried EndTurn counts it still (ADD_USAGE
+# adds it once). | NOT_FOUND
 END_TURN = r"""
 local k = declared_keys()
-local sid, turn_id, tokens, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local ttl_ms, grace_ms, audio_ms = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local sid, turn_id, ttl_ms, grace_ms = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local now = now_ms()
 local s = live_session(k, now)
 if s == nil then return {'NOT_FOUND'} end
-if redis.call('HGET', k.turns, turn_id) == 'begun' then
-  redis.call('HSET', k.turns, turn_id, 'ended')
-  -- The owner is only known from the session, so these keys cannot be declared up front.
-  local day = math.floor(now / DAY_MS)
-  add_today(prefix .. 'quota:tokens:' .. s.user, day, tokens)
-  add_today(prefix .. 'quota:audio:' .. s.user, day, audio_ms)
+local count = '0'
+local state = redis.call('HGET', k.turns, turn_id)
+if state == 'begun' or state == 'counting' then
+  if ARGV[5] == '1' then
+    count = '1'
+    redis.call('HSET', k.turns, turn_id, 'counting')
+  else
+    redis.call('HSET', k.turns, turn_id, 'ended')
+  end
 end
-if s.turn ~= turn_id then return {'OK'} end
-redis.call('HSET', k.session, 'turn', '', 'owner', '', 'lease_ms', '0', 'cancel', '')
-wake_followers(k, s)
-touch(k, sid, s, now, ttl_ms, grace_ms)
-return {'OK'}
+if s.turn == turn_id then
+  redis.call('HSET', k.session, 'turn', '', 'owner', '', 'lease_ms', '0', 'cancel', '')
+  wake_followers(k, s)
+  touch(k, sid, s, now, ttl_ms, grace_ms)
+end
+return {'OK', count, s.user}
+"""
+
+# KEYS: tokens counter, audio counter, counted set. ARGV: member (session:turn), tokens, audio_ms.
+# Adds a turn's usage to today's counts once, however often it is called. Returns 1 when it added.
+ADD_USAGE = r"""
+local now = now_ms()
+local day = math.floor(now / DAY_MS)
+if redis.call('SADD', KEYS[3], ARGV[1]) == 0 then return 0 end
+-- Two midnights: a retry just after midnight still finds the turn counted.
+redis.call('PEXPIREAT', KEYS[3], int((day + 2) * DAY_MS))
+add_today(KEYS[1], day, tonumber(ARGV[2]))
+add_today(KEYS[2], day, tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: session keys. ARGV: turn. The turn's usage is counted: "counting" becomes "ended".
+TURN_COUNTED = r"""
+local k = declared_keys()
+if redis.call('HGET', k.turns, ARGV[1]) == 'counting' then redis.call('HSET', k.turns, ARGV[1], 'ended') end
+return 1
 """
 
 # The append shared by APPEND and APPEND_BATCHES: `count` events whose (seq, turn, payload, terminal)
@@ -442,58 +501,79 @@ for _, value in ipairs(events) do table.insert(reply, value) end
 return reply
 """
 
-# KEYS: expiries, ended. ARGV: prefix, limit, record. Returns how many sessions this call claimed.
+# KEYS: (expiries, ended) of one or more shards. ARGV: prefix, limit, record. Claims at most `limit` expired
+# sessions in all. Returns how many sessions this call claimed.
 SWEEP_EXPIRED = r"""
 local prefix, limit, record = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local now = now_ms()
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
 local claimed = 0
-for _, sid in ipairs(due) do
-  -- ZREM answers 1 to exactly one claimant, however many replicas sweep at once.
-  if redis.call('ZREM', KEYS[1], sid) == 1 then
-    local k = keys_of(prefix, sid)
-    local s = load_hash(k.session)
-    if s ~= nil then
-      end_session(k, sid, s, tonumber(s.expires_ms), now, record)
-      claimed = claimed + 1
+for shard = 1, #KEYS, 2 do
+  local due = redis.call('ZRANGEBYSCORE', KEYS[shard], '-inf', now, 'LIMIT', 0, limit - claimed)
+  for _, sid in ipairs(due) do
+    -- ZREM answers 1 to exactly one claimant, however many replicas sweep at once.
+    if redis.call('ZREM', KEYS[shard], sid) == 1 then
+      local k = keys_of(prefix, sid)
+      local s = load_hash(k.session)
+      if s ~= nil then
+        end_session(k, sid, s, tonumber(s.expires_ms), now, record)
+        claimed = claimed + 1
+      end
     end
   end
+  if claimed >= limit then break end
 end
 return claimed
 """
 
-# KEYS: ended. ARGV: prefix, limit, lease_ms. Claims due end records for lease_ms (another replica takes
-# over a record whose claimant died). Returns (sid user conv created_ms ended_ms attempts)*.
+# KEYS: ended of one or more shards. ARGV: prefix, limit, lease_ms. Claims at most `limit` due end records
+# for lease_ms (another replica takes over a record whose claimant died). Returns (sid user conv created_ms
+# ended_ms attempts)*.
 CLAIM_ENDED = r"""
 local prefix, limit, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, limit)
-local claimed = {}
-for _, sid in ipairs(due) do
-  local key = prefix .. 'ended:' .. sid
-  local r = load_hash(key)
-  if r == nil then
-    redis.call('ZREM', KEYS[1], sid)
-  else
-    local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-    redis.call('ZADD', KEYS[1], now + lease_ms, sid)
-    for _, value in ipairs({sid, r.user, r.conv, r.created_ms, r.ended_ms, int(attempts)}) do
-      table.insert(claimed, value)
+local claimed, count = {}, 0
+for _, ended in ipairs(KEYS) do
+  if count >= limit then break end
+  local due = redis.call('ZRANGEBYSCORE', ended, '-inf', now, 'LIMIT', 0, limit - count)
+  for _, sid in ipairs(due) do
+    local key = keys_of(prefix, sid).ended_record
+    local r = load_hash(key)
+    if r == nil then
+      redis.call('ZREM', ended, sid)
+    else
+      local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+      redis.call('ZADD', ended, now + lease_ms, sid)
+      for _, value in ipairs({sid, r.user, r.conv, r.created_ms, r.ended_ms, int(attempts)}) do
+        table.insert(claimed, value)
+      end
+      count = count + 1
     end
   end
 end
 return claimed
 """
 
-# KEYS: ended. ARGV: sid, delay_ms. XX: a record another replica delivered meanwhile stays delivered.
+# KEYS: the session's shard's ended, its end record. ARGV: sid. The record was delivered: forget it.
+ACK_ENDED = r"""
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+
+# KEYS: the session's shard's ended. ARGV: sid, delay_ms. XX: a record another replica delivered meanwhile
+# stays delivered.
 RETRY_ENDED = r"""
 redis.call('ZADD', KEYS[1], 'XX', now_ms() + tonumber(ARGV[2]), ARGV[1])
 return 1
 """
 
-# KEYS: ended. Returns ms until the next end record is due, or -1 when none waits.
+# KEYS: ended of one or more shards. Returns ms until the next end record is due, or -1 when none waits.
 NEXT_ENDED_DUE = r"""
-local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-if #first == 0 then return -1 end
-return math.max(0, tonumber(first[2]) - now_ms())
+local next_due = nil
+for _, ended in ipairs(KEYS) do
+  local first = redis.call('ZRANGE', ended, 0, 0, 'WITHSCORES')
+  if #first > 0 and (next_due == nil or tonumber(first[2]) < next_due) then next_due = tonumber(first[2]) end
+end
+if next_due == nil then return -1 end
+return math.max(0, next_due - now_ms())
 """

@@ -5,12 +5,15 @@ Every change is one Lua script, so replicas never see half of one. Followers blo
 session's stream (bounded, woken by appends and by control entries for EndTurn / close / expiry) and
 re-read a consistent snapshot after every wake, so they never miss or repeat an event.
 
-Not for Redis Cluster: scripts touch a session's keys together with per-user and global keys.
+The client is a redis.asyncio.Redis or a RedisCluster: every script touches one hash slot (a session's
+shard, or one user's quota), so the same scripts serve both. On a cluster, work spanning several shards
+(appending for many sessions, sweeping) is one script per shard, and cancels travel over sharded pub/sub.
 """
 
 import asyncio
 import contextlib
 import functools
+import hashlib
 import logging
 import re
 import uuid
@@ -21,6 +24,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -34,6 +38,8 @@ from session_service.quota import (
     tokens_exhausted,
 )
 from session_service.redis_scripts import (
+    ACK_ENDED,
+    ADD_USAGE,
     APPEND,
     APPEND_BATCHES,
     BEGIN_TURN,
@@ -41,6 +47,7 @@ from session_service.redis_scripts import (
     CLOSE,
     END_TURN,
     GET,
+    GIVE_BACK_QUOTA,
     NEXT_ENDED_DUE,
     OPEN_NEW,
     PRELUDE,
@@ -49,6 +56,8 @@ from session_service.redis_scripts import (
     REQUEST_CANCEL,
     RETRY_ENDED,
     SWEEP_EXPIRED,
+    TAKE_QUOTA,
+    TURN_COUNTED,
     UPDATE,
 )
 from session_service.session_end import (
@@ -94,22 +103,32 @@ SWEEP_BATCH = 100
 CLAIM_BATCH = 50
 # How long a replica holds an end record it is delivering before another may try it.
 CLAIM_LEASE_MS = int((RECORD_TIMEOUT_SECONDS + 5) * 1000)
+# A session's shard is the first character of its id: its keys' hash tag (redis_scripts.py).
+SHARDS = "0123456789abcdef"
+# On a cluster a follower's blocked XREAD holds a node connection; the pool must not cap followers low.
+CLUSTER_MAX_CONNECTIONS_PER_NODE = 100_000
 
 P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def connect(url: str) -> aioredis.Redis:
-    """One client over one connection pool. No automatic retries: a script retried after a lost reply
-    could apply twice; callers get UNAVAILABLE and decide."""
-    pool = aioredis.ConnectionPool.from_url(
-        url,
-        decode_responses=False,  # payloads are opaque bytes
-        socket_timeout=SOCKET_TIMEOUT_SECONDS,
-        socket_connect_timeout=SOCKET_TIMEOUT_SECONDS,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return aioredis.Redis.from_pool(pool)
+RedisClient = aioredis.Redis | RedisCluster
+
+
+def connect(url: str, *, cluster: bool = False) -> RedisClient:
+    """One client over one connection pool (a cluster client: one pool per node, the nodes found from the
+    one in the URL). No automatic retries: a script retried after a lost reply could apply twice; callers
+    get UNAVAILABLE and decide. (A cluster's MOVED / ASK redirections are still followed: the command
+    did not run.)"""
+    options = {
+        "decode_responses": False,  # payloads are opaque bytes
+        "socket_timeout": SOCKET_TIMEOUT_SECONDS,
+        "socket_connect_timeout": SOCKET_TIMEOUT_SECONDS,
+        "retry": Retry(NoBackoff(), 0),
+    }
+    if cluster:
+        return RedisCluster.from_url(url, max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE, **options)
+    return aioredis.Redis.from_pool(aioredis.ConnectionPool.from_url(url, **options))
 
 
 def redact_url(url: str) -> str:
@@ -124,11 +143,23 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+# What a Redis (or a cluster, or one of its nodes) that is down or failing over looks like. A cluster with
+# no reachable node raises RedisClusterException, which is not a RedisError.
+_REDIS_DOWN = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.MasterDownError,
+    redis.exceptions.RedisClusterException,
+)
+
+
 @contextlib.contextmanager
 def _unavailable_when_redis_is() -> Iterator[None]:
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as error:
+    except _REDIS_DOWN as error:
         raise Unavailable("session store is unavailable") from error
 
 
@@ -145,54 +176,67 @@ def _text(value: bytes) -> str:
     return value.decode()
 
 
+def shard_of(session_id: str) -> str:
+    return session_id[0]
+
+
 @dataclass(frozen=True)
 class RedisKeys:
-    """Key names; must match keys_of() in redis_scripts.PRELUDE."""
+    """Key names; must match keys_of() in redis_scripts.PRELUDE. A session's keys and its shard's index
+    share the tag {<shard>}; a user's quota keys share {u:<digest of the user id>}."""
 
     prefix: str
 
+    def _of_shard(self, shard: str) -> str:
+        return f"{self.prefix}{{{shard}}}:"
+
     def of_session(self, session_id: str) -> list[str]:
         """The declared keys of every session script, in declared_keys() order."""
-        p = self.prefix
+        p = self._of_shard(shard_of(session_id))
         return [
             f"{p}session:{session_id}",
             f"{p}log:{session_id}",
             f"{p}turns:{session_id}",
             f"{p}turnorder:{session_id}",
-            self.expiries,
-            self.ended,
+            f"{p}expiries",
+            f"{p}ended",
             f"{p}ended:{session_id}",
         ]
 
     def log(self, session_id: str) -> str:
-        return f"{self.prefix}log:{session_id}"
+        return f"{self._of_shard(shard_of(session_id))}log:{session_id}"
 
-    @property
-    def expiries(self) -> str:
-        return f"{self.prefix}expiries"
+    def expiries(self, shard: str) -> str:
+        return f"{self._of_shard(shard)}expiries"
 
-    @property
-    def ended(self) -> str:
-        return f"{self.prefix}ended"
+    def ended(self, shard: str) -> str:
+        return f"{self._of_shard(shard)}ended"
 
     def ended_record(self, session_id: str) -> str:
-        return f"{self.prefix}ended:{session_id}"
+        return f"{self._of_shard(shard_of(session_id))}ended:{session_id}"
+
+    def _of_user(self, user_id: str) -> str:
+        digest = hashlib.blake2b(user_id.encode(), digest_size=8).hexdigest()
+        return f"{self.prefix}{{u:{digest}}}:quota:"
 
     def messages(self, user_id: str) -> str:
-        return f"{self.prefix}quota:messages:{user_id}"
+        return f"{self._of_user(user_id)}messages:{user_id}"
 
     def tokens(self, user_id: str) -> str:
-        return f"{self.prefix}quota:tokens:{user_id}"
+        return f"{self._of_user(user_id)}tokens:{user_id}"
 
     def audio(self, user_id: str) -> str:
-        return f"{self.prefix}quota:audio:{user_id}"
+        return f"{self._of_user(user_id)}audio:{user_id}"
+
+    def counted(self, user_id: str) -> str:
+        return f"{self._of_user(user_id)}counted:{user_id}"
 
     def cancels(self, owner: str) -> str:
         return f"{self.prefix}cancels:{owner}"
 
 
 class _Scripts:
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: RedisClient) -> None:
         def register(body: str):
             return client.register_script(PRELUDE + body)
 
@@ -202,7 +246,11 @@ class _Scripts:
         self.update = register(UPDATE)
         self.close = register(CLOSE)
         self.begin_turn = register(BEGIN_TURN)
+        self.take_quota = register(TAKE_QUOTA)
+        self.give_back_quota = register(GIVE_BACK_QUOTA)
         self.end_turn = register(END_TURN)
+        self.add_usage = register(ADD_USAGE)
+        self.turn_counted = register(TURN_COUNTED)
         self.request_cancel = register(REQUEST_CANCEL)
         self.append = register(APPEND)
         self.append_batches = register(APPEND_BATCHES)
@@ -210,6 +258,7 @@ class _Scripts:
         self.sweep_expired = register(SWEEP_EXPIRED)
         self.claim_ended = register(CLAIM_ENDED)
         self.retry_ended = register(RETRY_ENDED)
+        self.ack_ended = register(ACK_ENDED)
         self.next_ended_due = register(NEXT_ENDED_DUE)
 
 
@@ -278,6 +327,8 @@ def _append_outcome(session_id: str, reply: list[bytes]) -> AppendOutcome:
         return no_events_error(int(reply[1]))
     if status == b"GAP":
         return gap_error(int(reply[1]), int(reply[2]))
+    if status == b"UNAVAILABLE":  # not a script's answer: its cluster node did not answer
+        return Unavailable("session store is unavailable")
     return int(reply[1])
 
 
@@ -314,7 +365,7 @@ class RedisSessionStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         *,
         key_prefix: str,
         ttl_seconds: float,
@@ -327,6 +378,7 @@ class RedisSessionStore:
         if log_max_events < 1:
             raise ValueError("log_max_events must be at least 1")
         self._redis = client
+        self._cluster = isinstance(client, RedisCluster)
         self._keys = RedisKeys(key_prefix)
         self._scripts = _Scripts(client)
         self._ttl_ms = max(1, int(ttl_seconds * 1000))
@@ -414,36 +466,74 @@ class RedisSessionStore:
     async def begin_turn(
         self, user_id: str, session_id: str, turn_id: str, *, owner: str = "", uses_audio: bool = False
     ) -> TurnStart:
+        """A session's turn and its user's quota live in different hash slots (a cluster cannot change
+        both in one script), so a new turn takes three atomic steps, in this order:
+
+        1. BEGIN_TURN checks the session (found, no other turn running, this one not ended) and changes
+           nothing: NEEDS_QUOTA. (A retry of the session's own turn renews its lease here: one round trip,
+           no quota counted.)
+        2. TAKE_QUOTA checks the user's quotas and counts the turn's message, keyed by session:turn, so a
+           retry of the same turn is never counted twice.
+        3. BEGIN_TURN again, quota held: the session's checks again (another turn may have begun
+           meanwhile), then the turn begins.
+
+        Quota first, then the turn, because the other order's failure is worse: a turn begun whose quota
+        then fails (refused, or the quota's node down) must be undone, and if that undo is lost the
+        session holds a turn nobody runs, refusing every message as busy until its lease runs out. Here a
+        failure between 2 and 3 leaves at worst one message counted in the one-minute window for a turn
+        that did not begin: it ages out within a minute, and the gateway's retry of the same turn reuses
+        it. When 3 refuses (another turn won the race, the session went), the message is given back;
+        when 3's reply is lost we cannot know whether the turn began, so the message stays counted
+        (counting a turn that did begin is the one thing never skipped). Tokens and audio are counted
+        only at EndTurn (end_turn), never here."""
         self._require_session_id(session_id)
-        keys = [
-            *self._keys.of_session(session_id),
-            self._keys.messages(user_id),
-            self._keys.tokens(user_id),
-            self._keys.audio(user_id),
-        ]
-        args = [
-            session_id,
-            user_id,
-            turn_id,
-            owner,
-            self._ttl_ms,
-            EXPIRY_GRACE_MS,
-            self._lease_ms,
-            self._limits.messages_per_minute,
-            self._limits.tokens_per_day,
-            MAX_REMEMBERED_TURNS,
-            self._limits.audio_ms_per_day,
-            "1" if uses_audio else "0",
-        ]
-        reply = await self._scripts.begin_turn(keys=keys, args=args)
-        self._raise_if_refused(reply, session_id, turn_id)
-        _, last_seq, messages_left, tokens_left, audio_left, taken_over, cancel = reply
+        limited = any((self._limits.messages_per_minute, self._limits.tokens_per_day, self._limits.audio_ms_per_day))
+        reply = await self._begin(user_id, session_id, turn_id, owner, quota_held=not limited)
+        if reply[0] == b"NEEDS_QUOTA":
+            quota, fresh = await self._quota(user_id, session_id, turn_id, uses_audio, take=True)
+            reply = await self._begin(user_id, session_id, turn_id, owner, quota_held=True)
+            if fresh and reply[0] in (b"BUSY", b"NOT_FOUND"):  # not begun: no message sent
+                member = f"{session_id}:{turn_id}"
+                await self._scripts.give_back_quota(keys=[self._keys.messages(user_id)], args=[member])
+            self._raise_if_refused(reply, session_id, turn_id)
+        else:
+            self._raise_if_refused(reply, session_id, turn_id)
+            # Without limits this began a new turn; with them it renewed the session's own.
+            quota = QuotaStatus(None, None, None)
+            if limited:
+                quota, _ = await self._quota(user_id, session_id, turn_id, uses_audio, take=False)
+        _, last_seq, taken_over, cancel = reply
         if taken_over:
             log.warning(
                 "session %s: turn %s takes over turn %s whose lease expired", session_id, turn_id, _text(taken_over)
             )
-        quota = QuotaStatus(_remaining(messages_left), _remaining(tokens_left), _remaining(audio_left))
         return TurnStart(int(last_seq), quota, _text(taken_over), _cancel_request(session_id, turn_id, cancel))
+
+    async def _begin(self, user_id: str, session_id: str, turn_id: str, owner: str, *, quota_held: bool) -> list:
+        args = [
+            session_id, user_id, turn_id, owner, self._ttl_ms, EXPIRY_GRACE_MS, self._lease_ms, MAX_REMEMBERED_TURNS,
+            "1" if quota_held else "0",
+        ]  # fmt: skip
+        return await self._scripts.begin_turn(keys=self._keys.of_session(session_id), args=args)
+
+    async def _quota(
+        self, user_id: str, session_id: str, turn_id: str, uses_audio: bool, *, take: bool
+    ) -> tuple[QuotaStatus, bool]:
+        """What is left of the user's quotas, after counting the turn's message when `take` (refused:
+        ResourceExhausted); and whether this call counted it."""
+        keys = [self._keys.messages(user_id), self._keys.tokens(user_id), self._keys.audio(user_id)]
+        args = [
+            f"{session_id}:{turn_id}",
+            self._limits.messages_per_minute,
+            self._limits.tokens_per_day,
+            self._limits.audio_ms_per_day,
+            "1" if uses_audio else "0",
+            "1" if take else "0",
+        ]
+        reply = await self._scripts.take_quota(keys=keys, args=args)
+        self._raise_if_refused(reply, session_id, turn_id)
+        _, messages_left, tokens_left, audio_left, fresh = reply
+        return QuotaStatus(_remaining(messages_left), _remaining(tokens_left), _remaining(audio_left)), fresh == b"1"
 
     def _raise_if_refused(self, reply: list[bytes], session_id: str, turn_id: str) -> None:
         status = reply[0]
@@ -465,10 +555,22 @@ class RedisSessionStore:
 
     @_redis_call
     async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0) -> None:
+        """Three atomic steps when the turn used anything (session state and the user's quota are in
+        different hash slots): END_TURN ends the turn and marks it "counting"; ADD_USAGE adds its usage
+        to the user's day once (keyed by session:turn, so a repeat adds nothing); TURN_COUNTED marks it
+        "ended". A failure after the first step leaves the turn "counting": a retried EndTurn (the same
+        call again) counts it then, and never twice."""
         if not SESSION_ID.fullmatch(session_id):
             return
-        args = [session_id, turn_id, tokens, self._keys.prefix, self._ttl_ms, EXPIRY_GRACE_MS, audio_ms]
-        await self._scripts.end_turn(keys=self._keys.of_session(session_id), args=args)
+        has_usage = tokens > 0 or audio_ms > 0
+        args = [session_id, turn_id, self._ttl_ms, EXPIRY_GRACE_MS, "1" if has_usage else "0"]
+        reply = await self._scripts.end_turn(keys=self._keys.of_session(session_id), args=args)
+        if reply[0] != b"OK" or reply[1] != b"1":
+            return
+        user_id = _text(reply[2])
+        keys = [self._keys.tokens(user_id), self._keys.audio(user_id), self._keys.counted(user_id)]
+        await self._scripts.add_usage(keys=keys, args=[f"{session_id}:{turn_id}", tokens, audio_ms])
+        await self._scripts.turn_counted(keys=self._keys.of_session(session_id), args=[turn_id])
 
     @_redis_call
     async def request_cancel(
@@ -483,18 +585,34 @@ class RedisSessionStore:
             return ""
         running, owner = _text(reply[1]), _text(reply[2])
         # Recorded first, so an owner whose watch is down still sees it when it renews the lease.
-        await self._redis.publish(self._keys.cancels(owner), f"{session_id} {running} {flag} {played_ms}")
+        message = f"{session_id} {running} {flag} {played_ms}"
+        if self._cluster:  # sharded: only the channel's node carries it, not every node of the cluster
+            await self._redis.spublish(self._keys.cancels(owner), message)
+        else:
+            await self._redis.publish(self._keys.cancels(owner), message)
         return running
 
     async def watch_cancels(self, owner: str) -> AsyncIterator[CancelRequest | None]:
+        channel = self._keys.cancels(owner)
         with _unavailable_when_redis_is():
-            async with self._redis.pubsub() as pubsub:
-                await pubsub.subscribe(self._keys.cancels(owner))
-                async for message in pubsub.listen():
-                    if message["type"] == "subscribe":
+            pubsub = self._redis.pubsub()
+            try:
+                if self._cluster:  # sharded pub/sub: on the node that serves the channel's slot
+                    await pubsub.ssubscribe(channel)
+                    receive = functools.partial(pubsub.get_sharded_message, timeout=None)
+                else:
+                    await pubsub.subscribe(channel)
+                    receive = functools.partial(pubsub.get_message, timeout=None)
+                while True:
+                    message = await receive()
+                    if message is None:
+                        continue
+                    if message["type"] in ("subscribe", "ssubscribe"):
                         yield None  # Redis confirmed it: every publish from now on reaches us
-                    elif message["type"] == "message":
+                    elif message["type"] in ("message", "smessage"):
                         yield _published_cancel(message["data"])
+            finally:
+                await pubsub.aclose()
 
     # -- the event log
 
@@ -520,7 +638,29 @@ class RedisSessionStore:
         ]
 
     async def _append_batches(self, batches: Sequence[EventBatch]) -> list[list[bytes]]:
-        """One script for every batch: one round trip however many sessions (its keys span them all)."""
+        """One script for every batch: one round trip however many sessions (its keys span them all). On a
+        cluster one script per shard (a script's keys share a slot), all at once; a shard whose Redis
+        node fails refuses its own batches UNAVAILABLE, the others land."""
+        if not self._cluster:
+            return await self._append_in_one_slot(batches)
+        by_shard: dict[str, list[int]] = {}
+        for i, batch in enumerate(batches):
+            by_shard.setdefault(shard_of(batch.session_id), []).append(i)
+        groups = list(by_shard.values())
+        replies = await asyncio.gather(
+            *(self._append_in_one_slot([batches[i] for i in group]) for group in groups), return_exceptions=True
+        )
+        outcomes: list[list[bytes]] = [[]] * len(batches)
+        for group, reply in zip(groups, replies, strict=True):
+            if isinstance(reply, _REDIS_DOWN):
+                reply = [[b"UNAVAILABLE"]] * len(group)
+            elif isinstance(reply, BaseException):
+                raise reply
+            for i, one in zip(group, reply, strict=True):
+                outcomes[i] = one
+        return outcomes
+
+    async def _append_in_one_slot(self, batches: Sequence[EventBatch]) -> list[list[bytes]]:
         keys: list[str] = []
         args: list[str | int | bytes] = [self._ttl_ms, EXPIRY_GRACE_MS, self._lease_ms, self._log_max_events]
         for batch in batches:
@@ -587,27 +727,38 @@ class RedisSessionStore:
 
     # -- expiry and end records
 
+    def _shard_groups(self) -> list[list[str]]:
+        """Shards one script may span: all on a single Redis, one at a time on a cluster."""
+        return [[shard] for shard in SHARDS] if self._cluster else [list(SHARDS)]
+
     async def _housekeep(self) -> float | None:
         with _unavailable_when_redis_is():
             record = "1" if self._recorder is not None else "0"
-            claimed = await self._scripts.sweep_expired(
-                keys=[self._keys.expiries, self._keys.ended], args=[self._keys.prefix, SWEEP_BATCH, record]
-            )
-            if claimed:
-                log.info("%d expired session(s) ended", claimed)
-            more_expired = claimed >= SWEEP_BATCH
+            more_expired = False
+            for shards in self._shard_groups():
+                keys = [key for shard in shards for key in (self._keys.expiries(shard), self._keys.ended(shard))]
+                claimed = await self._scripts.sweep_expired(keys=keys, args=[self._keys.prefix, SWEEP_BATCH, record])
+                if claimed:
+                    log.info("%d expired session(s) ended", claimed)
+                more_expired = more_expired or claimed >= SWEEP_BATCH
             if self._recorder is None:
                 return 0.0 if more_expired else None
-            delivered_all = await self._record_due_ends(self._recorder)
+            delivered_all = True
+            for shards in self._shard_groups():
+                delivered_all = await self._record_due_ends(self._recorder, shards) and delivered_all
             if more_expired or not delivered_all:
                 return 0.0
-            next_due_ms = await self._scripts.next_ended_due(keys=[self._keys.ended])
-        return None if next_due_ms < 0 else next_due_ms / 1000
+            due = [
+                await self._scripts.next_ended_due(keys=[self._keys.ended(shard) for shard in shards])
+                for shards in self._shard_groups()
+            ]
+        waiting = [ms for ms in due if ms >= 0]
+        return min(waiting) / 1000 if waiting else None
 
-    async def _record_due_ends(self, recorder: SessionEndRecorder) -> bool:
+    async def _record_due_ends(self, recorder: SessionEndRecorder, shards: list[str]) -> bool:
         """Deliver claimed end records; False when the batch was full (more may be due)."""
         reply = await self._scripts.claim_ended(
-            keys=[self._keys.ended], args=[self._keys.prefix, CLAIM_BATCH, CLAIM_LEASE_MS]
+            keys=[self._keys.ended(shard) for shard in shards], args=[self._keys.prefix, CLAIM_BATCH, CLAIM_LEASE_MS]
         )
         claimed = _claimed_ends(reply)
         await asyncio.gather(*(self._deliver(recorder, end) for end in claimed))
@@ -615,14 +766,13 @@ class RedisSessionStore:
 
     async def _deliver(self, recorder: SessionEndRecorder, claimed: _ClaimedEnd) -> None:
         session_id = claimed.ended.session_id
+        ended = self._keys.ended(shard_of(session_id))
         if await try_record(recorder, claimed.ended, claimed.attempts):
-            async with self._redis.pipeline(transaction=True) as acknowledge:
-                acknowledge.zrem(self._keys.ended, session_id)
-                acknowledge.delete(self._keys.ended_record(session_id))
-                await acknowledge.execute()
+            keys = [ended, self._keys.ended_record(session_id)]
+            await self._scripts.ack_ended(keys=keys, args=[session_id])
             return
         delay_ms = int(retry_delay(claimed.attempts, self._end_retry) * 1000)
-        await self._scripts.retry_ended(keys=[self._keys.ended], args=[session_id, delay_ms])
+        await self._scripts.retry_ended(keys=[ended], args=[session_id, delay_ms])
 
     # -- helpers
 

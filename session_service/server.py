@@ -9,6 +9,9 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sys
+
+import pydantic
 
 from duplex.common.logs import configure_logging
 from duplex.common.server import GrpcServer, serve_until_signal
@@ -44,8 +47,10 @@ def build_store(settings: SessionSettings, recorder: HistoryRecorder | None = No
         log.info("session store: in memory")
         return MemorySessionStore(**common)
     url = settings.redis_url.get_secret_value()
-    log.info("session store: redis at %s, key prefix %r", redact_url(url), settings.redis_key_prefix)
-    return RedisSessionStore(connect(url), key_prefix=settings.redis_key_prefix, **common)
+    kind = "redis cluster" if settings.redis_cluster else "redis"
+    log.info("session store: %s at %s, key prefix %r", kind, redact_url(url), settings.redis_key_prefix)
+    client = connect(url, cluster=settings.redis_cluster)
+    return RedisSessionStore(client, key_prefix=settings.redis_key_prefix, **common)
 
 
 def build_recorder(settings: SessionSettings) -> HistoryRecorder | None:
@@ -106,7 +111,21 @@ async def serve(settings: SessionSettings) -> None:
     await serve_until_signal(server, settings.shutdown_grace_seconds, "session_service")
 
 
+def configuration_error(error: pydantic.ValidationError) -> str:
+    """One line naming each bad variable (never its value: it may be a secret)."""
+    problems = []
+    for problem in error.errors(include_input=False, include_url=False):
+        message = problem["msg"].removeprefix("Value error, ")
+        where = "_".join(str(part) for part in problem["loc"]).upper()
+        problems.append(f"DUPLEX_{where}: {message}" if where else message)
+    return "session_service: bad configuration: " + "; ".join(problems)
+
+
 def main() -> None:
-    settings = SessionSettings()
+    try:
+        settings = SessionSettings()
+    except pydantic.ValidationError as error:
+        print(configuration_error(error), file=sys.stderr)
+        raise SystemExit(2) from None
     configure_logging(settings.log_level, "session_service")
     asyncio.run(serve(settings))

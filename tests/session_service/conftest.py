@@ -1,6 +1,7 @@
 """Fixtures that start the real session_service on a free port and talk to it over a real channel.
 
-Every test using `start_service` / `service` / `stub` runs twice: on the memory store and on Redis.
+Every test using `start_service` / `service` / `stub` runs three times: on the memory store, on Redis and on
+a three-master Redis Cluster.
 """
 
 import asyncio
@@ -15,10 +16,11 @@ from duplex.history.v1 import history_pb2, history_pb2_grpc
 from duplex.session.v1 import session_pb2_grpc
 from session_service.server import create_server
 from session_service.settings import SessionSettings
-from tests.redis_fixtures import redis_key_prefix, redis_url
+from tests.redis_fixtures import redis_cluster_key_prefix, redis_cluster_url, redis_key_prefix, redis_url
 from tests.session_service.rpc_helpers import Follower
 
-__all__ = ["redis_key_prefix", "redis_url"]  # fixtures, imported so pytest finds them here
+# fixtures, imported so pytest finds them here
+__all__ = ["redis_cluster_key_prefix", "redis_cluster_url", "redis_key_prefix", "redis_url"]
 
 # Explicit values, so DUPLEX_* variables in the environment cannot change what a test exercises.
 DEFAULT_TEST_SETTINGS = {
@@ -32,9 +34,10 @@ DEFAULT_TEST_SETTINGS = {
     "history_target": "",
     "session_end_retry_seconds": 0.1,
     "redis_url": None,
+    "redis_cluster": False,
 }
 
-BACKENDS = ["memory", "redis"]
+BACKENDS = ["memory", "redis", "redis-cluster"]
 
 
 @dataclass
@@ -52,6 +55,12 @@ def backend_settings(request: pytest.FixtureRequest) -> dict[str, object]:
     """The settings that select the backend under test; Redis only starts for the tests that need it."""
     if request.param == "memory":
         return {}
+    if request.param == "redis-cluster":
+        return {
+            "redis_url": request.getfixturevalue("redis_cluster_url"),
+            "redis_cluster": True,
+            "redis_key_prefix": request.getfixturevalue("redis_cluster_key_prefix"),
+        }
     return {
         "redis_url": request.getfixturevalue("redis_url"),
         "redis_key_prefix": request.getfixturevalue("redis_key_prefix"),

@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from duplex.common.server import wait_until_serving
 from duplex.session.v1 import session_pb2, session_pb2_grpc
+from session_service.redis_store import RedisKeys
 from tests.redis_fixtures import free_port, start_redis_server, stop_redis_server
 
 SERVICE = "duplex.session.v1.SessionService"
@@ -106,7 +107,8 @@ async def test_python_dash_m_serves_from_redis_without_logging_its_password(redi
             reply = await stub.OpenSession(session_pb2.OpenSessionRequest(user_id="alice"), timeout=5)
         client = redis.Redis.from_url(redis_url)
         try:
-            assert await asyncio.to_thread(client.exists, f"{redis_key_prefix}session:{reply.session.session_id}")
+            session_key = RedisKeys(redis_key_prefix).of_session(reply.session.session_id)[0]
+            assert await asyncio.to_thread(client.exists, session_key)
         finally:
             client.close()
         process.send_signal(signal.SIGTERM)
