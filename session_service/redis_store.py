@@ -404,7 +404,7 @@ class RedisSessionStore:
     async def is_ready(self) -> bool:
         try:
             return bool(await asyncio.wait_for(self._redis.ping(), PING_TIMEOUT_SECONDS))
-        except (redis.exceptions.RedisError, OSError, TimeoutError):
+        except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError, TimeoutError):
             return False
 
     # -- sessions
@@ -640,7 +640,7 @@ class RedisSessionStore:
     async def _append_batches(self, batches: Sequence[EventBatch]) -> list[list[bytes]]:
         """One script for every batch: one round trip however many sessions (its keys span them all). On a
         cluster one script per shard (a script's keys share a slot), all at once; a shard whose Redis
-        node fails refuses its own batches UNAVAILABLE, the others land."""
+        node fails refuses its own batches UNAVAILABLE, the others land (all failing: the call is)."""
         if not self._cluster:
             return await self._append_in_one_slot(batches)
         by_shard: dict[str, list[int]] = {}
@@ -650,6 +650,9 @@ class RedisSessionStore:
         replies = await asyncio.gather(
             *(self._append_in_one_slot([batches[i] for i in group]) for group in groups), return_exceptions=True
         )
+        down = [reply for reply in replies if isinstance(reply, _REDIS_DOWN)]
+        if len(down) == len(replies):
+            raise down[0]  # as on a single Redis: the whole call is UNAVAILABLE
         outcomes: list[list[bytes]] = [[]] * len(batches)
         for group, reply in zip(groups, replies, strict=True):
             if isinstance(reply, _REDIS_DOWN):

@@ -1,15 +1,28 @@
-"""RedisSessionStore as several replicas see it: two store instances (two replicas) on one Redis."""
+"""RedisSessionStore as several replicas see it: two store instances (two replicas) on one Redis.
+
+Tests taking `make_replica` run twice: on a single Redis and on a three-master Redis Cluster."""
 
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from duplex.common.errors import FailedPrecondition, NotFound, OutOfRange, ResourceExhausted, Unavailable
 from session_service.quota import DAY_SECONDS, QuotaLimits
-from session_service.redis_store import MAX_FOLLOW_BLOCK_MS, RedisKeys, RedisSessionStore, connect, redact_url
+from session_service.redis_store import (
+    MAX_FOLLOW_BLOCK_MS,
+    RedisClient,
+    RedisKeys,
+    RedisSessionStore,
+    connect,
+    redact_url,
+)
 from session_service.session_end import HistoryRecorder
 from session_service.store import MAX_REMEMBERED_TURNS, EventBatch, LogEntry, TurnStart
 from tests.redis_fixtures import free_port
@@ -21,15 +34,37 @@ PROMPT_SECONDS = 0.5
 MakeReplica = Callable[..., Awaitable[RedisSessionStore]]
 
 
+@dataclass(frozen=True)
+class Target:
+    url: str
+    prefix: str
+    cluster: bool
+
+
+@pytest.fixture(params=["redis", "redis-cluster"])
+def target(request: pytest.FixtureRequest) -> Target:
+    """The Redis the replicas share, and the key prefix of this test."""
+    if request.param == "redis-cluster":
+        cluster_url = request.getfixturevalue("redis_cluster_url")
+        return Target(cluster_url, request.getfixturevalue("redis_cluster_key_prefix"), cluster=True)
+    return Target(request.getfixturevalue("redis_url"), request.getfixturevalue("redis_key_prefix"), cluster=False)
+
+
 @pytest.fixture
-async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
+def key_prefix(target: Target) -> str:
+    return target.prefix
+
+
+@pytest.fixture
+async def redis_client(target: Target) -> AsyncIterator[RedisClient]:
+    """A plain client of the same Redis (or cluster), to look at keys."""
+    client = connect(target.url, cluster=target.cluster)
     yield client
     await client.aclose()
 
 
 @pytest.fixture
-async def make_replica(redis_url: str, redis_key_prefix: str) -> AsyncIterator[MakeReplica]:
+async def make_replica(target: Target) -> AsyncIterator[MakeReplica]:
     """Each call is one more replica: its own client and pool, the same Redis and key prefix."""
     stores: list[RedisSessionStore] = []
     recorders: list[HistoryRecorder] = []
@@ -39,7 +74,7 @@ async def make_replica(redis_url: str, redis_key_prefix: str) -> AsyncIterator[M
         if history_target:
             recorders.append(HistoryRecorder(history_target))
             options["recorder"] = recorders[-1]
-        store = RedisSessionStore(connect(redis_url), key_prefix=redis_key_prefix, **options)
+        store = RedisSessionStore(connect(target.url, cluster=target.cluster), key_prefix=target.prefix, **options)
         await store.start()
         stores.append(store)
         return store
@@ -182,23 +217,38 @@ async def test_a_waiting_follower_does_not_poll(redis_url, redis_key_prefix, fol
         await store.close()
 
 
-async def test_appending_to_many_sessions_is_one_round_trip(redis_url, redis_key_prefix, make_replica):
-    client = CountingRedis.from_pool(aioredis.ConnectionPool.from_url(redis_url))
+class CountingRedisCluster(RedisCluster):
+    """CountingRedis for a cluster."""
+
+    commands = 0
+
+    async def execute_command(self, *args, **options):
+        self.commands += 1
+        return await super().execute_command(*args, **options)
+
+
+async def test_appending_to_many_sessions_is_one_round_trip_per_slot(target, make_replica):
+    """One script for all sessions on a single Redis; on a cluster one per shard (each its own slot)."""
+    if target.cluster:
+        client = CountingRedisCluster.from_url(target.url)
+    else:
+        client = CountingRedis.from_pool(aioredis.ConnectionPool.from_url(target.url))
     store = RedisSessionStore(
-        client, key_prefix=redis_key_prefix, ttl_seconds=TTL, log_max_events=10, turn_lease_seconds=30
+        client, key_prefix=target.prefix, ttl_seconds=TTL, log_max_events=10, turn_lease_seconds=30
     )
     other_replica = await make_replica()
     try:
         sessions = [await new_session(store) for _ in range(20)]
-        await store.append_event_batches([EventBatch(sessions[0], entries([1]))])  # loads the script once
+        # Loads the script wherever it runs.
+        await store.append_event_batches([EventBatch(session_id, entries([1])) for session_id in sessions])
 
         before = client.commands
         outcomes = await store.append_event_batches(
-            [EventBatch(session_id, entries([2, 3])) for session_id in sessions[:1]]
-            + [EventBatch(session_id, entries([1, 2, 3])) for session_id in sessions[1:]]
+            [EventBatch(session_id, entries([2, 3])) for session_id in sessions]
             + [EventBatch("0" * 32, entries([1])), EventBatch("no-such-id", entries([1]))]
         )
-        assert client.commands - before == 1
+        shards = {session_id[0] for session_id in [*sessions, "0" * 32]}
+        assert client.commands - before == (len(shards) if target.cluster else 1)
         assert outcomes[:20] == [3] * 20
         assert [type(outcome) for outcome in outcomes[20:]] == [NotFound, NotFound]
         for session_id in sessions:
@@ -310,12 +360,12 @@ async def test_a_failed_recording_is_retried_by_some_replica_and_recorded_once(m
 # -- keys
 
 
-async def test_session_keys_carry_the_session_ttl_and_go_with_it(make_replica, redis_client, redis_key_prefix):
+async def test_session_keys_carry_the_session_ttl_and_go_with_it(make_replica, redis_client, key_prefix):
     store = await make_replica()
     session_id = await new_session(store)
     await store.begin_turn("alice", session_id, "t1")
     await store.append_events(session_id, entries([1]))
-    session_key, log_key, turns_key, order_key, expiries, _, _ = RedisKeys(redis_key_prefix).of_session(session_id)
+    session_key, log_key, turns_key, order_key, expiries, _, _ = RedisKeys(key_prefix).of_session(session_id)
     for key in (session_key, log_key, turns_key, order_key):
         # The session TTL plus the grace the sweeper needs; never without a TTL.
         assert TTL * 1000 < await redis_client.pttl(key) <= TTL * 1000 + 3_600_000
@@ -329,13 +379,13 @@ async def test_session_keys_carry_the_session_ttl_and_go_with_it(make_replica, r
     assert 0 < await redis_client.pttl(log_key) <= 5000
 
 
-async def test_daily_counters_live_under_the_prefix_until_utc_midnight(make_replica, redis_client, redis_key_prefix):
+async def test_daily_counters_live_under_the_prefix_until_utc_midnight(make_replica, redis_client, key_prefix):
     store = await make_replica(quota_limits=QuotaLimits(tokens_per_day=100, audio_seconds_per_day=60))
     session_id = await new_session(store)
     await store.begin_turn("alice", session_id, "t1", uses_audio=True)
     await store.end_turn(session_id, "t1", tokens=7, audio_ms=1234)
-    keys = RedisKeys(redis_key_prefix)
-    assert keys.audio("alice").startswith(redis_key_prefix) and keys.audio("alice").endswith(":quota:audio:alice")
+    keys = RedisKeys(key_prefix)
+    assert keys.audio("alice").startswith(key_prefix) and keys.audio("alice").endswith(":quota:audio:alice")
     assert await redis_client.hget(keys.tokens("alice"), "used") == b"7"
     assert await redis_client.hget(keys.audio("alice"), "used") == b"1234"  # milliseconds
     until_midnight_ms = (DAY_SECONDS - time.time() % DAY_SECONDS) * 1000
@@ -343,10 +393,10 @@ async def test_daily_counters_live_under_the_prefix_until_utc_midnight(make_repl
         assert await redis_client.pttl(key) == pytest.approx(until_midnight_ms, abs=5000)
 
 
-async def test_a_session_written_before_voice_options_reads_them_as_empty(make_replica, redis_client, redis_key_prefix):
+async def test_a_session_written_before_voice_options_reads_them_as_empty(make_replica, redis_client, key_prefix):
     store = await make_replica()
     info, _ = await store.open_session("alice", "", conversation_id="c", model="", system_prompt="", voice_options=b"v")
-    session_key = RedisKeys(redis_key_prefix).of_session(info.session_id)[0]
+    session_key = RedisKeys(key_prefix).of_session(info.session_id)[0]
     await redis_client.hdel(session_key, "voice")  # what an older replica wrote
 
     assert (await store.get_session("alice", info.session_id)).voice_options == b""
@@ -357,11 +407,11 @@ async def test_a_session_written_before_voice_options_reads_them_as_empty(make_r
     assert await redis_client.hget(session_key, "voice") == b"\xff\x00"
 
 
-async def test_an_expired_session_takes_its_turn_keys_with_it(make_replica, redis_client, redis_key_prefix):
+async def test_an_expired_session_takes_its_turn_keys_with_it(make_replica, redis_client, key_prefix):
     store = await make_replica(ttl_seconds=0.2)
     session_id = await new_session(store)
     await store.begin_turn("alice", session_id, "t1")
-    session_key, _, turns_key, order_key, *_ = RedisKeys(redis_key_prefix).of_session(session_id)
+    session_key, _, turns_key, order_key, *_ = RedisKeys(key_prefix).of_session(session_id)
     assert await redis_client.exists(turns_key, order_key) == 2
     for _ in range(100):  # the sweeper ends it
         if not await redis_client.exists(session_key):
@@ -370,7 +420,7 @@ async def test_an_expired_session_takes_its_turn_keys_with_it(make_replica, redi
     assert await redis_client.exists(session_key, turns_key, order_key) == 0
 
 
-async def test_only_the_newest_turn_states_are_kept(make_replica, redis_client, redis_key_prefix):
+async def test_only_the_newest_turn_states_are_kept(make_replica, redis_client, key_prefix):
     a, b = await make_replica(), await make_replica()
     session_id = await new_session(a)
     turns = [f"t{i}" for i in range(MAX_REMEMBERED_TURNS + 20)]
@@ -379,7 +429,7 @@ async def test_only_the_newest_turn_states_are_kept(make_replica, redis_client, 
         await (b, a)[i % 2].end_turn(session_id, turn_id)
     await a.begin_turn("alice", session_id, "now")
 
-    _, _, turns_key, order_key, *_ = RedisKeys(redis_key_prefix).of_session(session_id)
+    _, _, turns_key, order_key, *_ = RedisKeys(key_prefix).of_session(session_id)
     kept = [*turns[-(MAX_REMEMBERED_TURNS - 1) :], "now"]
     assert await redis_client.hlen(turns_key) == MAX_REMEMBERED_TURNS
     assert [turn.decode() for turn in await redis_client.lrange(order_key, 0, -1)] == kept
@@ -388,14 +438,14 @@ async def test_only_the_newest_turn_states_are_kept(make_replica, redis_client, 
 
 
 async def test_turn_states_without_an_order_are_adopted_and_the_active_one_kept(
-    make_replica, redis_client, redis_key_prefix
+    make_replica, redis_client, key_prefix
 ):
     """States written by a replica that predates the order (no P turnorder:S): trimmed all the same,
     oldest first, and never the active turn."""
     store = await make_replica(quota_limits=QuotaLimits(tokens_per_day=1000))
     session_id = await new_session(store)
     await store.begin_turn("alice", session_id, "now")
-    _, _, turns_key, order_key, *_ = RedisKeys(redis_key_prefix).of_session(session_id)
+    _, _, turns_key, order_key, *_ = RedisKeys(key_prefix).of_session(session_id)
     # The active turn listed as the oldest, and 50 states not listed at all.
     listed = ["now", *(f"old{i}" for i in range(MAX_REMEMBERED_TURNS))]
     await redis_client.rpush(order_key, *listed[1:])
@@ -435,12 +485,110 @@ async def test_ids_this_store_never_hands_out_are_not_found(make_replica):
         await store.end_turn(bogus, "t1")
 
 
+# -- one hash slot per script (what lets the same scripts run on a cluster)
+
+
+async def test_a_sessions_keys_share_one_slot_and_so_do_a_users_and_sessions_spread_over_the_nodes(
+    target, make_replica
+):
+    keys = RedisKeys(target.prefix)
+    store = await make_replica()
+    sessions = [await new_session(store) for _ in range(30)]
+    for session_id in sessions:
+        assert len({key_slot(key.encode()) for key in keys.of_session(session_id)}) == 1
+    for user_id in ("alice", "a}b{c", "{", "}{"):  # a user id may hold braces
+        user_keys = [keys.messages(user_id), keys.tokens(user_id), keys.audio(user_id), keys.counted(user_id)]
+        assert len({key_slot(key.encode()) for key in user_keys}) == 1
+    if target.cluster:
+        holding = 0
+        for node in store._redis.get_primaries():
+            client = aioredis.Redis(host=node.host, port=node.port)
+            try:
+                holding += bool([key async for key in client.scan_iter(match=f"{target.prefix}*", count=1000)])
+            finally:
+                await client.aclose()
+        assert holding > 1  # 30 sessions over 16 shards: not all on one master
+
+
+async def test_a_turn_refused_after_its_message_was_counted_gives_the_message_back(make_replica):
+    """BeginTurn counts the message, then begins the turn; another turn beginning in between refuses it,
+    and its message is not counted."""
+    limits = QuotaLimits(messages_per_minute=5)
+    a, b = await make_replica(quota_limits=limits), await make_replica(quota_limits=limits)
+    session_id = await new_session(a)
+    begin = a._begin
+    raced = []
+
+    async def another_turn_begins_in_between(*args, **options):
+        reply = await begin(*args, **options)
+        if reply[0] == b"NEEDS_QUOTA" and not raced:
+            raced.append(await b.begin_turn("alice", session_id, "theirs"))
+        return reply
+
+    a._begin = another_turn_begins_in_between
+    with pytest.raises(FailedPrecondition):
+        await a.begin_turn("alice", session_id, "mine")
+    assert raced[0].quota.messages_remaining == 4
+    assert (await b.begin_turn("alice", session_id, "theirs")).quota.messages_remaining == 4  # a renewal
+    assert (await a.get_session("alice", session_id)).active_turn_id == "theirs"
+
+
+async def test_a_begun_turn_whose_reply_was_lost_is_counted_once_when_retried(make_replica):
+    limits = QuotaLimits(messages_per_minute=5)
+    store = await make_replica(quota_limits=limits)
+    session_id = await new_session(store)
+    begin = store._begin
+
+    async def reply_lost(*args, quota_held: bool, **options):
+        reply = await begin(*args, quota_held=quota_held, **options)
+        if quota_held:
+            store._begin = begin
+            raise redis.exceptions.ConnectionError("connection lost")
+        return reply
+
+    store._begin = reply_lost
+    with pytest.raises(Unavailable):
+        await store.begin_turn("alice", session_id, "t1")
+    started = await store.begin_turn("alice", session_id, "t1")  # the gateway's retry
+    assert started.quota.messages_remaining == 4
+    assert (await store.get_session("alice", session_id)).active_turn_id == "t1"
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["usage-not-added", "usage-added-reply-lost"])
+async def test_usage_lost_after_the_turn_ended_is_counted_once_by_the_retry(make_replica, landed):
+    """EndTurn ends the turn, then adds its usage to the user's quota (another slot): a failure in between
+    is made good by the retry, and no retry counts twice."""
+    limits = QuotaLimits(tokens_per_day=100)
+    store = await make_replica(quota_limits=limits)
+    session_id = await new_session(store)
+    await store.begin_turn("alice", session_id, "t1")
+    add_usage = store._scripts.add_usage
+
+    async def failing_add_usage(**options):
+        store._scripts.add_usage = add_usage
+        if landed:
+            await add_usage(**options)
+        raise redis.exceptions.ConnectionError("connection lost")
+
+    store._scripts.add_usage = failing_add_usage
+    with pytest.raises(Unavailable):
+        await store.end_turn(session_id, "t1", tokens=60)
+    assert (await store.get_session("alice", session_id)).active_turn_id == ""
+    with pytest.raises(FailedPrecondition):
+        await store.begin_turn("alice", session_id, "t1")  # ended, if not yet counted
+
+    await store.end_turn(session_id, "t1", tokens=60)  # the gateway's retry
+    await store.end_turn(session_id, "t1", tokens=60)  # and one more
+    assert (await store.begin_turn("alice", session_id, "t2")).quota.tokens_remaining == 40
+
+
 # -- Redis down
 
 
-async def test_an_unreachable_redis_is_unavailable_and_not_ready():
+@pytest.mark.parametrize("cluster", [False, True], ids=["redis", "redis-cluster"])
+async def test_an_unreachable_redis_is_unavailable_and_not_ready(cluster):
     store = RedisSessionStore(
-        connect(f"redis://127.0.0.1:{free_port()}/0"),
+        connect(f"redis://127.0.0.1:{free_port()}/0", cluster=cluster),
         key_prefix="duplex-test:",
         ttl_seconds=TTL,
         log_max_events=10,
@@ -452,6 +600,10 @@ async def test_an_unreachable_redis_is_unavailable_and_not_ready():
             await store.get_session("alice", "0" * 32)
         with pytest.raises(Unavailable):
             await anext(store.read_events("alice", "0" * 32, 0, follow=True))
+        with pytest.raises(Unavailable):
+            await anext(store.watch_cancels("gw-a"))
+        with pytest.raises(Unavailable):
+            await store.append_event_batches([EventBatch("0" * 32, entries([1])), EventBatch("1" * 32, entries([1]))])
     finally:
         await store.close()
 
