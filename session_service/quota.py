@@ -19,7 +19,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from duplex.common.errors import ResourceExhausted
+from duplex.common.errors import QuotaViolation, ResourceExhausted
 
 MESSAGE_WINDOW_SECONDS = 60.0
 DAY_SECONDS = 86_400.0
@@ -62,25 +62,28 @@ def seconds_until_utc_midnight(now: float) -> float:
     return (utc_day(now) + 1) * DAY_SECONDS - now
 
 
-def messages_exhausted(limit: int, retry_after: float) -> ResourceExhausted:
+def _exhausted(message: str, retry_after: float, quota_id: str, metric: str, limit: int) -> ResourceExhausted:
+    """A refusal with when to retry and which quota (google.rpc.RetryInfo and QuotaFailure on the status)."""
     return ResourceExhausted(
-        f"message quota exhausted: {limit} messages per minute",
+        message,
         retry_after=max(MIN_RETRY_AFTER_SECONDS, retry_after),
+        quota_violations=[QuotaViolation("user", message, quota_id, metric, limit)],
     )
+
+
+def messages_exhausted(limit: int, retry_after: float) -> ResourceExhausted:
+    return _exhausted(f"message quota exhausted: {limit} messages per minute", retry_after,
+                      "MessagesPerMinutePerUser", "duplex/messages", limit)
 
 
 def tokens_exhausted(limit: int, retry_after: float) -> ResourceExhausted:
-    return ResourceExhausted(
-        f"daily token quota exhausted: {limit} tokens per day",
-        retry_after=max(MIN_RETRY_AFTER_SECONDS, retry_after),
-    )
+    return _exhausted(f"daily token quota exhausted: {limit} tokens per day", retry_after,
+                      "TokensPerDayPerUser", "duplex/tokens", limit)
 
 
 def audio_exhausted(limit_seconds: int, retry_after: float) -> ResourceExhausted:
-    return ResourceExhausted(
-        f"daily audio quota exhausted: {limit_seconds} seconds of audio per day",
-        retry_after=max(MIN_RETRY_AFTER_SECONDS, retry_after),
-    )
+    return _exhausted(f"daily audio quota exhausted: {limit_seconds} seconds of audio per day", retry_after,
+                      "AudioSecondsPerDayPerUser", "duplex/audio_seconds", limit_seconds)
 
 
 def remaining(limit: int, used: int) -> int | None:

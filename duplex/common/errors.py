@@ -2,24 +2,48 @@
 
 Handlers raise DuplexError subclasses; ErrorInterceptor turns them into statuses. Anything else becomes
 INTERNAL with a generic message, and its traceback goes to the log, never to the client.
+
+A status that says when to retry, or which quota ran out, also carries the standard rich error model: a
+`google.rpc.Status` in the `grpc-status-details-bin` trailer with `google.rpc.RetryInfo` and
+`google.rpc.QuotaFailure` (read with grpcio-status: `grpc_status.rpc_status.from_call(call)`), besides the
+plain `retry-after-ms` trailer. Between Duplex services both travel back into the DuplexError, so the
+gateway passes a refusal from session_service on unchanged.
 """
 
 import inspect
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf import message as protobuf_message
+from google.rpc import error_details_pb2, status_pb2
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QuotaViolation:
+    """One quota a request ran into (google.rpc.QuotaFailure.Violation)."""
+
+    subject: str  # on whom the quota is counted, e.g. "user" (the caller)
+    description: str  # for people: which limit, e.g. "2 messages per minute"
+    quota_id: str = ""  # stable, for programs: e.g. "MessagesPerMinutePerUser"
+    quota_metric: str = ""  # what is counted: e.g. "duplex/messages"
+    quota_value: int = 0  # the limit
 
 
 class DuplexError(Exception):
     code = grpc.StatusCode.INTERNAL
     retryable = False
 
-    def __init__(self, message: str, *, retry_after: float | None = None):
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, quota_violations: Sequence[QuotaViolation] = ()
+    ):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.quota_violations = tuple(quota_violations)
 
 
 class InvalidArgument(DuplexError):
@@ -85,14 +109,86 @@ GENERIC_INTERNAL_MESSAGE = "internal error"
 RETRY_AFTER_KEY = "retry-after-ms"
 
 
-def _retry_after(error: grpc.aio.AioRpcError) -> float | None:
+# Where grpc carries a google.rpc.Status (grpc-status-details-bin), the key grpcio-status reads.
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+def status_details(error: DuplexError) -> status_pb2.Status | None:
+    """The rich status for an error that says when to retry (RetryInfo) or which quota it hit (QuotaFailure);
+    None for one that says neither. Its code and message are the status's own, as grpcio-status requires."""
+    details = []
+    if error.retry_after:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(error.retry_after * 1e9))
+        details.append(retry)
+    if error.quota_violations:
+        details.append(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject=v.subject, description=v.description, quota_id=v.quota_id, quota_metric=v.quota_metric,
+                quota_value=v.quota_value,
+            )
+            for v in error.quota_violations
+        ]))
+    if not details:
+        return None
+    status = status_pb2.Status(code=error.code.value[0], message=error.message)
+    for detail in details:
+        status.details.add().Pack(detail)
+    return status
+
+
+def status_trailers(error: BaseException) -> tuple[tuple[str, str | bytes], ...]:
+    """The trailing metadata that goes with `to_status(error)`: the retry-after hint and the rich status."""
+    if not isinstance(error, DuplexError):
+        return ()
+    trailers: list[tuple[str, str | bytes]] = []
+    if error.retry_after:
+        trailers.append((RETRY_AFTER_KEY, str(int(error.retry_after * 1000))))
+    status = status_details(error)
+    if status is not None:
+        trailers.append((STATUS_DETAILS_KEY, status.SerializeToString()))
+    return tuple(trailers)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: BaseException):
+    """End the call with `error`'s status and trailers (for a handler that ends a call itself)."""
+    code, message = to_status(error)
+    await context.abort(code, message, trailing_metadata=status_trailers(error))
+
+
+@dataclass(frozen=True)
+class _Hints:
+    retry_after: float | None = None
+    quota_violations: tuple[QuotaViolation, ...] = ()
+
+
+def _hints(error: grpc.aio.AioRpcError) -> _Hints:
+    """What another service's status said about retrying and quotas (RetryInfo first, then retry-after-ms)."""
+    retry_after, violations = None, ()
     for key, value in error.trailing_metadata() or ():
-        if key == RETRY_AFTER_KEY:
+        if key == RETRY_AFTER_KEY and retry_after is None:
             try:
-                return int(value) / 1000
+                retry_after = int(value) / 1000
             except ValueError:
-                return None
-    return None
+                pass
+        elif key == STATUS_DETAILS_KEY:
+            try:
+                status = status_pb2.Status.FromString(value)
+            except protobuf_message.DecodeError:
+                continue
+            for detail in status.details:
+                if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+                    retry_after = retry.retry_delay.ToNanoseconds() / 1e9 or retry_after
+                elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                    failure = error_details_pb2.QuotaFailure()
+                    detail.Unpack(failure)
+                    violations = tuple(
+                        QuotaViolation(v.subject, v.description, v.quota_id, v.quota_metric, v.quota_value)
+                        for v in failure.violations
+                    )
+    return _Hints(retry_after, violations)
 
 
 def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> DuplexError:
@@ -100,9 +196,13 @@ def from_rpc_error(error: grpc.aio.AioRpcError, service: str) -> DuplexError:
     cls = _BY_CODE.get(error.code(), Unavailable)
     if cls is Internal or error.code() == grpc.StatusCode.UNKNOWN:
         return Internal(f"{service} failed")
+    hints = _hints(error)
     if error.code() == grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"{service} is unavailable", retry_after=_retry_after(error))
-    return cls(error.details() or f"{service} answered {error.code().name}", retry_after=_retry_after(error))
+        return Unavailable(f"{service} is unavailable", retry_after=hints.retry_after)
+    return cls(
+        error.details() or f"{service} answered {error.code().name}",
+        retry_after=hints.retry_after, quota_violations=hints.quota_violations,
+    )
 
 
 def from_status(code: int, message: str) -> DuplexError:
@@ -119,13 +219,6 @@ def to_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL_MESSAGE
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: Exception):
-    code, message = to_status(error)
-    if isinstance(error, DuplexError) and error.retry_after:
-        context.set_trailing_metadata(((RETRY_AFTER_KEY, str(int(error.retry_after * 1000))),))
-    await context.abort(code, message)
-
-
 def _guard(behavior):
     """Wrap one handler (coroutine or async generator) so that exceptions become statuses."""
     if inspect.isasyncgenfunction(behavior):
@@ -137,7 +230,7 @@ def _guard(behavior):
             except grpc.aio.AbortError:
                 raise
             except Exception as error:
-                await _abort(context, error)
+                await abort(context, error)
 
         return guarded_stream
 
@@ -147,7 +240,7 @@ def _guard(behavior):
         except grpc.aio.AbortError:
             raise
         except Exception as error:
-            await _abort(context, error)
+            await abort(context, error)
 
     return guarded
 

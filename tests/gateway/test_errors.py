@@ -1,10 +1,14 @@
 """Every failure is an error event or a gRPC status with the right code: never a hang or a trace."""
 
+import asyncio
+
 import grpc
 import pytest
 from chat_helpers import ChatStream, collect, kinds
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
-from duplex.chat.v1 import chat_pb2
+from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
 from duplex.session.v1 import session_pb2
 
 
@@ -144,3 +148,63 @@ async def test_quota_is_reported_and_enforced_with_a_retry_after(make_system):
     assert refused.error.retryable is True
     assert 0 < refused.error.retry_after.ToMilliseconds() <= 60_000
     chat.cancel()
+
+
+def rich_details(error: grpc.RpcError) -> tuple[error_details_pb2.RetryInfo, error_details_pb2.QuotaFailure]:
+    """RetryInfo and QuotaFailure as any gRPC client reads them (grpcio-status, grpc-status-details-bin)."""
+    status = rpc_status.from_call(error)
+    assert status is not None, "no grpc-status-details-bin"
+    assert status.code == error.code().value[0] and status.message == error.details()
+    retry, failure = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+    unpacked = {type(message).__name__: detail.Unpack(message) for detail in status.details
+                for message in (retry, failure) if detail.Is(message.DESCRIPTOR)}
+    assert unpacked == {"RetryInfo": True, "QuotaFailure": True}, status
+    return retry, failure
+
+
+async def test_a_refused_message_carries_retry_info_and_quota_failure_in_its_status(make_system):
+    system = await make_system(session_overrides={"quota_messages_per_minute": 1})
+    first = chat_pb2.SendMessageRequest(message=chat_pb2.UserMessage(text="one"))
+    assert kinds(await collect(system.chat.SendMessage(first)))[-1] == "turn_completed"
+
+    again = chat_pb2.SendMessageRequest(message=chat_pb2.UserMessage(text="two"))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await collect(system.chat.SendMessage(again))
+    assert raised.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    retry, failure = rich_details(raised.value)
+    assert 0 < retry.retry_delay.ToMilliseconds() <= 60_000
+    [violation] = failure.violations
+    assert (violation.subject, violation.quota_id, violation.quota_metric, violation.quota_value) == (
+        "user", "MessagesPerMinutePerUser", "duplex/messages", 1
+    )
+    assert violation.description == raised.value.details() == "message quota exhausted: 1 messages per minute"
+
+    # A plain blocking client reads the same from its RpcError.
+    def blocking_send() -> grpc.RpcError:
+        with grpc.insecure_channel(f"127.0.0.1:{system.gateway.port}") as channel:
+            try:
+                list(chat_pb2_grpc.ChatServiceStub(channel).SendMessage(again, timeout=10))
+            except grpc.RpcError as error:
+                return error
+        raise AssertionError("the message was not refused")
+
+    error = await asyncio.to_thread(blocking_send)
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert rich_details(error)[1].violations[0].quota_id == "MessagesPerMinutePerUser"
+
+    # On a Chat stream the refusal is an event (the stream goes on); its fields say the same.
+    chat = ChatStream(system.chat)
+    await chat.open()
+    await chat.say("three")
+    event = await chat.next_event()
+    assert code_of(event) == grpc.StatusCode.RESOURCE_EXHAUSTED and event.error.retryable
+    assert 0 < event.error.retry_after.ToMilliseconds() <= 60_000
+    chat.cancel()
+
+
+async def test_a_status_that_says_nothing_of_retrying_carries_no_details(system):
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        request = chat_pb2.SendMessageRequest(session_id="nope", message=chat_pb2.UserMessage(text="hi"))
+        await collect(system.chat.SendMessage(request))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert rpc_status.from_call(raised.value) is None

@@ -5,6 +5,8 @@ import time
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from duplex.common.errors import RETRY_AFTER_KEY
 from duplex.session.v1 import session_pb2
@@ -28,9 +30,18 @@ async def begin(stub, session_id: str, turn_id: str, user_id: str = OWNER, owner
     return await stub.BeginTurn(request, timeout=CALL_TIMEOUT)
 
 
-def retry_after_seconds(error: grpc.aio.AioRpcError) -> float:
+def retry_after_seconds(error: grpc.aio.AioRpcError, quota_id: str, limit: int) -> float:
+    """The refusal's retry-after; its rich status (grpcio-status) says the same and names the quota."""
     values = [value for key, value in error.trailing_metadata() or () if key == RETRY_AFTER_KEY]
     assert values, f"no {RETRY_AFTER_KEY} on {error.code()}"
+    status = rpc_status.from_call(error)
+    assert status is not None, "no grpc-status-details-bin"
+    retry, failure = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+    assert [status.details[0].Unpack(retry), status.details[1].Unpack(failure)] == [True, True]
+    assert retry.retry_delay.ToMilliseconds() == int(values[0])
+    [violation] = failure.violations
+    assert (violation.subject, violation.quota_id, violation.quota_value) == ("user", quota_id, limit)
+    assert violation.description == error.details()
     return int(values[0]) / 1000
 
 
@@ -75,7 +86,7 @@ async def test_message_quota_refuses_with_retry_after_and_changes_nothing(start_
     # The quota is the user's, across sessions.
     error = await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, begin(stub, first, "t3"))
     assert "message quota" in error.details()
-    assert 55 < retry_after_seconds(error) <= 60
+    assert 55 < retry_after_seconds(error, "MessagesPerMinutePerUser", 2) <= 60
     assert (await get_session(stub, first)).active_turn_id == ""
     # A refusal consumed nothing: the next attempt is refused just the same.
     await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, begin(stub, second, "t3"))
@@ -99,7 +110,7 @@ async def test_token_quota_refuses_until_utc_midnight(start_service):
     error = await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, begin(stub, session_id, "t3"))
     assert "token quota" in error.details()
     until_midnight = DAY_SECONDS - time.time() % DAY_SECONDS
-    assert retry_after_seconds(error) == pytest.approx(until_midnight, abs=5)
+    assert retry_after_seconds(error, "TokensPerDayPerUser", 100) == pytest.approx(until_midnight, abs=5)
     assert (await get_session(stub, session_id)).active_turn_id == ""
 
 
@@ -165,7 +176,7 @@ async def test_audio_quota_refuses_audio_turns_until_utc_midnight_but_never_text
     error = await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, begin(stub, session_id, "t2", uses_audio=True))
     assert "audio quota" in error.details()
     until_midnight = DAY_SECONDS - time.time() % DAY_SECONDS
-    assert retry_after_seconds(error) == pytest.approx(until_midnight, abs=5)
+    assert retry_after_seconds(error, "AudioSecondsPerDayPerUser", 60) == pytest.approx(until_midnight, abs=5)
     assert (await get_session(stub, session_id)).active_turn_id == ""
 
     # The refusal counted no message; a text turn goes on, and says no audio is left.
