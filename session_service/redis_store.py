@@ -598,6 +598,7 @@ class RedisSessionStore:
             pubsub = self._redis.pubsub()
             try:
                 if self._cluster:  # sharded pub/sub: on the node that serves the channel's slot
+                    await self._redis.initialize()  # the slot map (a first command would have fetched it)
                     await pubsub.ssubscribe(channel)
                     receive = functools.partial(pubsub.get_sharded_message, timeout=None)
                 else:

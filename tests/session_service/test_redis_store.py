@@ -485,6 +485,32 @@ async def test_ids_this_store_never_hands_out_are_not_found(make_replica):
         await store.end_turn(bogus, "t1")
 
 
+# -- cancels across replicas
+
+
+async def test_a_cancel_asked_on_one_replica_reaches_the_owners_watch_on_another(make_replica):
+    """Pub/sub on a single Redis, sharded pub/sub on a cluster: owners' channels on different nodes."""
+    a, b = await make_replica(), await make_replica()
+    owners = [f"gw-{i}" for i in range(6)]
+    watches = [a.watch_cancels(owner) for owner in owners]
+    try:
+        for watch in watches:
+            assert await asyncio.wait_for(anext(watch), 5) is None  # in place
+        sessions = [await new_session(a) for _ in owners]
+        for owner, session_id in zip(owners, sessions, strict=True):
+            await a.begin_turn("alice", session_id, f"turn-{owner}", owner=owner)
+        for i, session_id in enumerate(sessions):
+            assert await b.request_cancel("alice", session_id, "", interrupt=i % 2 == 1, played_ms=i) == f"turn-gw-{i}"
+        for i, (watch, session_id) in enumerate(zip(watches, sessions, strict=True)):
+            request = await asyncio.wait_for(anext(watch), PROMPT_SECONDS)
+            assert (request.session_id, request.turn_id, request.interrupt, request.played_ms) == (
+                session_id, f"turn-gw-{i}", i % 2 == 1, i,
+            )  # fmt: skip
+    finally:
+        for watch in watches:
+            await watch.aclose()
+
+
 # -- one hash slot per script (what lets the same scripts run on a cluster)
 
 
