@@ -13,7 +13,7 @@ from duplex.session.v1 import session_pb2
 from gateway import personas
 from gateway.auth import Authenticator
 from gateway.cancels import stop_turn
-from gateway.hub import UNLOGGED_LIMIT, HubRegistry, SessionHub, error_event, is_terminal
+from gateway.hub import UNLOGGED_LIMIT, HubRegistry, LogUnreachable, SessionHub, SessionLost, error_event, is_terminal
 from gateway.recovery import end_abandoned_turn
 from gateway.settings import GatewaySettings
 from gateway.turn import Services, SessionContext, TurnManager
@@ -376,6 +376,11 @@ class ChatConnection:
                 async for event in self._hub.follow(after_seq, stop_when_idle=lambda: self._half_closed):
                     after_seq = event.seq
                     await self._outbox.put(event)
+                return
+            except (LogUnreachable, SessionLost) as error:
+                # Say why, then end the stream with that status: its client resumes (or reopens) later.
+                await self._emit(error_event(error))
+                await self._outbox.put(error)
                 return
             except DuplexError as error:
                 # Older events are gone or unreachable: say so, and go on with the live ones.

@@ -12,10 +12,11 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from duplex.chat.v1 import chat_pb2
-from duplex.common.errors import DuplexError, OutOfRange
+from duplex.common.errors import DuplexError, NotFound, OutOfRange, Unavailable
 from duplex.session.v1 import session_pb2
 from gateway.clients import SessionClient
 
@@ -35,8 +36,61 @@ MAX_SESSIONS_PER_APPEND = 1000
 MAX_EVENTS_PER_APPEND = 10_000
 MAX_PAYLOAD_BYTES_PER_APPEND = 1 << 20
 
+# A turn whose events the log has not taken for this long fails rather than buffer more (about 3 MB).
+MAX_UNLOGGED_EVENTS = 10_000
+# While the log keeps failing, "still failing" is said at most this often (not on every 20 ms retry).
+OUTAGE_REMINDER_SECONDS = 30.0
+# A turn's end the session service did not take is told again this often.
+END_RETRY_SECONDS = 0.5
+
 # A hub and the events taken from it for one append.
 Batch = tuple["SessionHub", list[session_pb2.LogEvent]]
+
+
+class LogUnreachable(Unavailable):
+    """The session's log has taken nothing for a while: a follower it holds back ends, so its client
+    resumes once the session service is back instead of waiting on a silent stream."""
+
+
+class SessionLost(NotFound):
+    """The session service no longer has the session (a memory store that restarted): its events can
+    never be logged, so its streams end and its turn fails."""
+
+
+class Outage:
+    """Says once that something keeps failing, now and then that it still does, and once that it is back."""
+
+    def __init__(self, what: str):
+        self._what = what
+        self.since: float | None = None
+        self._failures = 0
+        self._said = False
+        self._reminded_at = 0.0
+
+    def failed(self, error: Exception, say: bool = True) -> None:
+        """say=False: counted and timed, but someone else reports it."""
+        now = time.monotonic()
+        self._failures += 1
+        if self.since is None:
+            self.since = now
+        if not say:
+            return
+        if not self._said:
+            self._said, self._reminded_at = True, now
+            log.warning("%s failed (%s); retrying", self._what, error)
+        elif now - self._reminded_at >= OUTAGE_REMINDER_SECONDS:
+            self._reminded_at = now
+            log.warning("%s still failing after %.0f s (%d attempts): %s", self._what, now - self.since,
+                        self._failures, error)
+
+    def succeeded(self) -> None:
+        if self._said:
+            log.info("%s works again after %.1f s (%d failed attempts)", self._what,
+                     time.monotonic() - self.since, self._failures)
+        self.since, self._failures, self._said = None, 0, False
+
+    def lasted(self, seconds: float) -> bool:
+        return self.since is not None and time.monotonic() - self.since > seconds
 
 
 def error_event(error: DuplexError, turn_id: str = "") -> chat_pb2.ChatEvent:
@@ -50,8 +104,21 @@ def is_terminal(event: chat_pb2.ChatEvent) -> bool:
     return bool(event.turn_id) and event.WhichOneof("kind") in TERMINAL_KINDS
 
 
+@dataclass
+class TurnEnd:
+    """A turn's end and usage, as EndTurn tells the session service."""
+
+    turn_id: str
+    tokens: int
+    audio_ms: int
+    retry_at: float = 0.0
+
+
 class SessionHub:
-    def __init__(self, session_id: str, user_id: str, last_seq: int, sessions: SessionClient, capacity: int):
+    def __init__(
+        self, session_id: str, user_id: str, last_seq: int, sessions: SessionClient, capacity: int,
+        outage_seconds: float = 3.0,
+    ):
         self.session_id = session_id
         self.user_id = user_id
         self.last_seq = last_seq
@@ -66,6 +133,10 @@ class SessionHub:
         # until the log answered, so the log gets each event once and in order (it refuses gaps).
         self.flush_lock = asyncio.Lock()
         self.logged_at = time.monotonic()  # when the log last heard from this hub (appends renew the lease)
+        self.logging = Outage(f"session {session_id}: logging events")
+        self._outage_seconds = outage_seconds  # a follower held back this long by a failing log ends
+        self.lost: SessionLost | None = None
+        self.unsent_end: TurnEnd | None = None  # a turn's end the session service has not taken yet
         self._changed = asyncio.Event()
         self.on_dirty: Callable[[SessionHub], None] = lambda hub: None
 
@@ -77,13 +148,14 @@ class SessionHub:
         if not event.HasField("time"):
             event.time.GetCurrentTime()
         self._recent.append(event)
-        self._unflushed.append(
-            session_pb2.LogEvent(
-                seq=event.seq, turn_id=event.turn_id, payload=event.SerializeToString(),
-                terminal=is_terminal(event),
+        if self.lost is None:  # a lost session's log is gone: nothing can be logged
+            self._unflushed.append(
+                session_pb2.LogEvent(
+                    seq=event.seq, turn_id=event.turn_id, payload=event.SerializeToString(),
+                    terminal=is_terminal(event),
+                )
             )
-        )
-        self.on_dirty(self)
+            self.on_dirty(self)
         self.wake()
         return event
 
@@ -109,7 +181,10 @@ class SessionHub:
                 batch = self.take_unflushed()
                 try:
                     await self._sessions.append_events(self.session_id, batch)
-                except DuplexError:
+                except DuplexError as error:
+                    self.put_back(batch, error)
+                    raise
+                except BaseException:  # cancelled mid-call: the events stay for the flusher
                     self.put_back(batch)
                     raise
                 self.mark_logged(batch)
@@ -126,12 +201,65 @@ class SessionHub:
         batch, self._unflushed = self._unflushed[:count], self._unflushed[count:]
         return batch
 
-    def put_back(self, batch: list[session_pb2.LogEvent]) -> None:
-        """The log did not take `batch`: it goes back in front of anything newer, and the flusher retries."""
+    def put_back(
+        self, batch: list[session_pb2.LogEvent], error: Exception | None = None, say: bool = True
+    ) -> None:
+        """The log did not take `batch`: it goes back in front of anything newer, and the flusher retries.
+        `error` is why (None: the call was cancelled); say=False when the caller reports it."""
+        if isinstance(error, NotFound):
+            return self.lose(error)
         self._unflushed[:0] = batch
+        if error is not None:
+            self.logging.failed(error, say)
+            if self.logging.lasted(self._outage_seconds):
+                self.wake()  # followers it holds back give up
+            if len(self._unflushed) > MAX_UNLOGGED_EVENTS and self.turn is not None:
+                self.turn.fail(LogUnreachable("the session service has not taken this answer's events; send the "
+                                              "message again once it is back"))
         self.on_dirty(self)
 
+    async def end_turn(self, turn_id: str, tokens: int, audio_ms: int) -> None:
+        """Tell the session service a turn ended, after its events: at once when they are logged, else
+        (and whenever it cannot be told) the registry's flusher does, once they are."""
+        self.unsent_end = TurnEnd(turn_id, tokens, audio_ms)
+        if self.has_unflushed:
+            self.on_dirty(self)
+        else:
+            await self.send_end()
+
+    async def send_end(self) -> bool:
+        """Send unsent_end; False (kept for a retry) when the session service did not take it."""
+        end = self.unsent_end
+        try:
+            await self._sessions.end_turn(self.session_id, end.turn_id, end.tokens, audio_ms=end.audio_ms)
+        except NotFound:
+            pass  # gone with its session
+        except DuplexError as error:
+            log.warning("session %s: turn %s's end not recorded yet (%s); retrying", self.session_id, end.turn_id,
+                        error.message)
+            end.retry_at = time.monotonic() + END_RETRY_SECONDS
+            self.on_dirty(self)
+            return False
+        if self.unsent_end is end:
+            self.unsent_end = None
+        return True
+
+    def lose(self, error: NotFound) -> None:
+        """The session service no longer has this session: drop what it cannot take, end its streams and
+        fail its turn."""
+        if self.lost is not None:
+            return
+        log.warning("session %s is gone from the session service (%s); ending its streams", self.session_id,
+                    error.message)
+        self.lost = SessionLost("this session is gone from the session service (it restarted); open a new "
+                                "session and send the message again")
+        self._unflushed.clear()
+        if self.turn is not None:
+            self.turn.fail(self.lost)
+        self.wake()
+
     def mark_logged(self, batch: list[session_pb2.LogEvent]) -> None:
+        self.logging.succeeded()
         self.logged_at = time.monotonic()
         held_back = self.last_seq - self.logged_seq > UNLOGGED_LIMIT
         self.logged_seq = max(self.logged_seq, batch[-1].seq)
@@ -153,6 +281,8 @@ class SessionHub:
         running here and `stop_when_idle()` is true."""
         cursor = after_seq
         while True:
+            if self.lost is not None:
+                raise self.lost
             changed = self._changed
             events = self._buffered_after(cursor)
             if events is None:
@@ -169,7 +299,10 @@ class SessionHub:
                 yield event
             if cursor >= self.last_seq and self.turn is None and stop_when_idle():
                 return
-            if not events or len(deliverable) < len(events):
+            held_back = len(deliverable) < len(events)
+            if held_back and self.logging.lasted(self._outage_seconds):
+                raise LogUnreachable(f"the session service is not answering; resume after seq {cursor} once it is back")
+            if not events or held_back:
                 await changed.wait()
 
     async def _read_logged(self, cursor: int) -> AsyncIterator[chat_pb2.ChatEvent]:
@@ -185,10 +318,14 @@ class HubRegistry:
     """The hubs of the sessions in use on this replica, and the task that flushes them to the log."""
 
     def __init__(
-        self, sessions: SessionClient, capacity: int, flush_interval: float, owner: str, lease_renew_interval: float
+        self, sessions: SessionClient, capacity: int, flush_interval: float, owner: str, lease_renew_interval: float,
+        outage_seconds: float = 3.0,
     ):
         self._sessions = sessions
         self._capacity = capacity
+        self._outage_seconds = outage_seconds
+        self._appending = Outage("logging events to the session service")
+        self._renewing = Outage("renewing turn leases")
         self._flush_interval = flush_interval
         self._owner = owner
         self._lease_renew_interval = lease_renew_interval
@@ -212,7 +349,7 @@ class HubRegistry:
     def acquire(self, session_id: str, user_id: str, last_seq: int) -> SessionHub:
         hub = self._hubs.get(session_id)
         if hub is None:
-            hub = SessionHub(session_id, user_id, last_seq, self._sessions, self._capacity)
+            hub = SessionHub(session_id, user_id, last_seq, self._sessions, self._capacity, self._outage_seconds)
             hub.on_dirty = self._mark_dirty
             self._hubs[session_id] = hub
         hub.references += 1
@@ -233,7 +370,7 @@ class HubRegistry:
         self._forget_if_unused(hub)
 
     def _forget_if_unused(self, hub: SessionHub) -> None:
-        unused = hub.references == 0 and hub.turn is None and not hub.has_unflushed
+        unused = hub.references == 0 and hub.turn is None and not hub.has_unflushed and hub.unsent_end is None
         if unused and self._hubs.get(hub.session_id) is hub:
             del self._hubs[hub.session_id]
 
@@ -266,13 +403,21 @@ class HubRegistry:
 
     async def _renew(self, turns: list[tuple[SessionHub, "Turn"]]) -> None:
         results = await asyncio.gather(*(self._renew_lease(hub, turn) for hub, turn in turns), return_exceptions=True)
-        for (hub, turn), result in zip(turns, results, strict=True):
-            if isinstance(result, Exception) and hub.turn is turn:  # one that ended meanwhile needs no lease
-                log.warning("session %s: turn lease not renewed: %s", hub.session_id, result)
+        failures = [
+            (hub, result) for (hub, turn), result in zip(turns, results, strict=True)
+            if isinstance(result, Exception) and hub.turn is turn  # one that ended meanwhile needs no lease
+        ]
+        for hub, error in failures:
+            if isinstance(error, NotFound):
+                hub.lose(error)
+            else:
+                self._renewing.failed(error)
+        if turns and not failures:
+            self._renewing.succeeded()
 
     async def _renew_lease(self, hub: SessionHub, turn: "Turn") -> None:
+        hub.logged_at = time.monotonic()  # tried now: retried in an interval, not on every tick
         begun = await self._sessions.begin_turn(hub.user_id, hub.session_id, turn.id, self._owner)  # same id renews
-        hub.logged_at = time.monotonic()
         if begun.HasField("cancel_requested"):  # asked on another replica
             turn.stop(begun.cancel_requested.interrupt, begun.cancel_requested.played_ms)
 
@@ -290,27 +435,42 @@ class HubRegistry:
                 if hub.has_unflushed:
                     batches.append((hub, hub.take_unflushed()))
             await asyncio.gather(*(self._append(call) for call in _pack(batches)))
+        ending = []
         for hub in dirty:
             if hub.has_unflushed:
                 self._dirty.add(hub)  # refused, or a backlog longer than one call takes
+            elif hub.unsent_end is not None:
+                ending.append(hub)  # its turn's events are all logged: its end may follow
             else:
                 self._forget_if_unused(hub)  # it may have been released while its events were retried
+        await asyncio.gather(*(self._send_end(hub) for hub in ending))
+
+    async def _send_end(self, hub: SessionHub) -> None:
+        if time.monotonic() < hub.unsent_end.retry_at or not await hub.send_end():
+            self._dirty.add(hub)
+        else:
+            self._forget_if_unused(hub)
 
     async def _append(self, call: list[Batch]) -> None:
         try:
             errors = await self._sessions.append_event_batches([(hub.session_id, batch) for hub, batch in call])
         except Exception as error:  # the whole call failed: every batch is retried
-            log.warning("logging events of %d session(s) failed (%s); will retry", len(call), error,
-                        exc_info=not isinstance(error, DuplexError))
+            if not isinstance(error, DuplexError):
+                log.exception("logging events of %d session(s) failed", len(call))
+            self._appending.failed(error)
+            for hub, batch in call:
+                hub.put_back(batch, error, say=False)
+            return
+        except BaseException:  # cancelled mid-call (closing): the events stay for the last flush
             for hub, batch in call:
                 hub.put_back(batch)
-            return
+            raise
+        self._appending.succeeded()
         for (hub, batch), error in zip(call, errors, strict=True):
             if error is None:
                 hub.mark_logged(batch)
             else:
-                log.warning("session %s: logging events failed (%s); will retry", hub.session_id, error)
-                hub.put_back(batch)
+                hub.put_back(batch, error)
 
 
 def _pack(batches: list[Batch]) -> list[list[Batch]]:

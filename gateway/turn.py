@@ -115,7 +115,7 @@ class Turn:
         self._first_token_at: float | None = None
         self._last_token_at: float | None = None
         self._speaker: Speaker | None = None
-        self._speech_error: DuplexError | None = None
+        self._failure: DuplexError | None = None  # why the answer must end now (see fail())
         self._interrupted_at_ms: int | None = None  # played_ms of an interrupt
         self._spoken_before_round = 0  # answer text of finished rounds (the speaker's text offsets count it)
 
@@ -166,8 +166,11 @@ class Turn:
         if not self._answered:
             self._publish(event)
 
-    def _speech_failed(self, error: DuplexError) -> None:
-        self._speech_error = error
+    def fail(self, error: DuplexError) -> None:
+        """End the answer now with `error`: its speech failed, or the session's log cannot take it."""
+        if self._answered or self._failure is not None:
+            return
+        self._failure = error
         if self._producer is not None:
             self._producer.cancel()
 
@@ -201,6 +204,8 @@ class Turn:
                 self._finished.set()
 
     async def _answer(self) -> None:
+        if self._failure is not None:
+            return await self._end_failed(self._failure)
         if self._cancel_requested:
             return await self._end_cancelled()
         self._producer = asyncio.create_task(self._produce(), name=f"turn-{self.id}")
@@ -210,8 +215,8 @@ class Turn:
             if asyncio.current_task().cancelling():  # the gateway is stopping, not the user
                 await self._end_interrupted()
                 raise
-            if self._speech_error is not None:
-                await self._end_failed(self._speech_error)
+            if self._failure is not None:
+                await self._end_failed(self._failure)
             else:
                 await self._end_cancelled()
         except DuplexError as error:
@@ -228,7 +233,7 @@ class Turn:
             await self._hear()
         if self.session.voice.speak_answers:
             self._speaker = Speaker(
-                self._services.llm, self.session.voice, self._publish, self._speech_failed,
+                self._services.llm, self.session.voice, self._publish, self.fail,
                 self._settings.voice_audio_lead_ms / 1000, self._remaining(),
             )
         messages = self._prompt(await self._context())
@@ -473,13 +478,9 @@ class Turn:
         except DuplexError as error:
             log.warning("turn %s: events not logged yet (%s); the flusher retries", self.id, error.message)
         usage = self._usage()
-        try:
-            await self._services.sessions.end_turn(
-                self.session.session_id, self.id, usage.prompt_tokens + usage.completion_tokens,
-                audio_ms=usage.audio_input_ms + usage.audio_output_ms,
-            )
-        except DuplexError as error:
-            log.warning("turn %s: could not mark the turn ended: %s", self.id, error.message)
+        await self.hub.end_turn(
+            self.id, usage.prompt_tokens + usage.completion_tokens, usage.audio_input_ms + usage.audio_output_ms
+        )
 
     async def _name_conversation(self) -> None:
         """After a conversation's first answer, title it after the user's opening message."""
@@ -631,6 +632,11 @@ class TurnManager:
         hub.wake()
 
     async def _begin(self, session: SessionContext, turn: Turn) -> session_pb2.BeginTurnResponse:
+        hub = turn.hub
+        if hub.unsent_end is not None:  # the previous turn here must end in the session service first
+            await hub.flush()
+            if not await hub.send_end():
+                raise Unavailable("the session service has not recorded the previous answer's end; try again")
         return await self._services.sessions.begin_turn(
             session.user_id, session.session_id, turn.id, self.owner, uses_audio=turn.uses_audio
         )

@@ -18,12 +18,13 @@ from duplex.common.server import GrpcServer
 from duplex.session.v1 import session_pb2, session_pb2_grpc
 from gateway import hub as hub_module
 from gateway.clients import SessionClient
-from gateway.hub import UNLOGGED_LIMIT, HubRegistry, SessionHub
+from gateway.hub import UNLOGGED_LIMIT, HubRegistry, LogUnreachable, SessionHub
 from session_service.server import create_server
 from session_service.servicer import SessionServicer
 from session_service.settings import SessionSettings
 
 FLUSH_INTERVAL = 0.02
+OUTAGE_SECONDS = 0.5
 USER = "alice"
 APPEND = "/duplex.session.v1.SessionService/AppendEvents"
 APPEND_BATCHES = "/duplex.session.v1.SessionService/AppendEventBatches"
@@ -84,7 +85,10 @@ async def rig() -> AsyncIterator[Rig]:
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}", interceptors=[calls])
     plain = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     sessions = SessionClient(channel, timeout=5.0)
-    registry = HubRegistry(sessions, capacity=1024, flush_interval=FLUSH_INTERVAL, owner="gw", lease_renew_interval=60)
+    registry = HubRegistry(
+        sessions, capacity=1024, flush_interval=FLUSH_INTERVAL, owner="gw", lease_renew_interval=60,
+        outage_seconds=OUTAGE_SECONDS,
+    )
     rig = Rig(registry, sessions, calls, session_pb2_grpc.SessionServiceStub(plain))
     try:
         yield rig
@@ -143,10 +147,12 @@ async def test_a_refused_batch_stays_and_is_retried_while_the_others_land(rig, c
     with caplog.at_level(logging.WARNING, logger="gateway.hub"):
         await eventually(lambda: fine.logged_seq == 2)
         await eventually(lambda: f"session {behind.session_id}: logging events failed" in caplog.text)
-    assert "expected seq 1" in caplog.text and f"session {lost.session_id}: logging events failed" in caplog.text
+    assert "expected seq 1" in caplog.text
     assert [event.seq for event in await rig.logged(fine.session_id)] == [1, 2]
     assert behind.has_unflushed and behind.logged_seq == 1
-    assert lost.has_unflushed and lost.logged_seq == 0
+    # A session the service does not know can never take its events: dropped once, said once, not retried.
+    assert f"session {lost.session_id} is gone from the session service" in caplog.text
+    assert lost.lost is not None and not lost.has_unflushed
 
     # Once the log can take them, the kept events land, in order, exactly once.
     await rig.stub.AppendEvents(session_pb2.AppendEventsRequest(
@@ -155,7 +161,6 @@ async def test_a_refused_batch_stays_and_is_retried_while_the_others_land(rig, c
     await eventually(lambda: behind.logged_seq == 3)
     assert [event.seq for event in await rig.logged(behind.session_id)][1:] == [2, 3]
     assert not behind.has_unflushed
-    assert lost.has_unflushed  # still retried, never dropped
 
 
 async def test_a_failed_call_keeps_every_session_s_events_and_retries_them_in_order(rig, caplog):
@@ -163,13 +168,17 @@ async def test_a_failed_call_keeps_every_session_s_events_and_retries_them_in_or
     rig.calls.failures = 3
     rig.registry.start()
 
-    with caplog.at_level(logging.WARNING, logger="gateway.hub"):
+    with caplog.at_level(logging.INFO, logger="gateway.hub"):
         for n in range(10):
             for hub in hubs:
                 hub.publish(delta(str(n)))
             await asyncio.sleep(0.01)
         await eventually(lambda: all(hub.logged_seq == 10 for hub in hubs))
-    assert caplog.text.count("logging events of 5 session(s) failed (session service is unavailable); will retry") == 3
+    # Said once when it started failing and once when it was back, not on every retry nor for every session.
+    assert len(caplog.records) == 2
+    assert "logging events to the session service failed (session service is unavailable); retrying" in caplog.text
+    assert "logging events to the session service works again after" in caplog.text
+    assert "(3 failed attempts)" in caplog.text
     assert rig.calls.failures == 0
     for hub in hubs:
         assert [event.delta.text for event in await rig.logged(hub.session_id)] == [str(n) for n in range(10)]
@@ -279,3 +288,29 @@ async def test_concurrent_chats_share_one_log_call_per_tick(make_system, counted
     assert len(counted_batches) <= elapsed / FLUSH_INTERVAL + 2
     # While the answers streamed side by side, calls carried many sessions at once.
     assert max(len(request.batches) for request in counted_batches) >= 10
+
+
+async def test_a_follower_held_back_by_a_log_that_keeps_failing_ends_with_a_retryable_error(rig):
+    hub = await rig.new_hub()
+    rig.calls.failures = 10**6  # the session service does not answer
+    rig.registry.start()
+    for n in range(UNLOGGED_LIMIT + 8):
+        hub.publish(delta(str(n)))
+
+    seen: list[int] = []
+    started = time.monotonic()
+    with pytest.raises(LogUnreachable) as ended:
+        async with asyncio.timeout(5):
+            async for event in hub.follow(0):
+                seen.append(event.seq)
+    assert OUTAGE_SECONDS <= time.monotonic() - started < OUTAGE_SECONDS + 1
+    assert seen == list(range(1, UNLOGGED_LIMIT + 1))
+    assert ended.value.retryable and f"resume after seq {UNLOGGED_LIMIT}" in ended.value.message
+
+    # Nothing was dropped: once the service answers, the events land and a resume gets the rest.
+    rig.calls.failures = 0
+    await eventually(lambda: hub.logged_seq == UNLOGGED_LIMIT + 8)
+    rest = []
+    async for event in hub.follow(UNLOGGED_LIMIT):
+        rest.append(event.seq)
+    assert rest == list(range(UNLOGGED_LIMIT + 1, UNLOGGED_LIMIT + 9))
