@@ -405,16 +405,30 @@ local function append_events(k, sid, now, ttl_ms, grace_ms, lease_ms, max_events
   if s == nil then return {'NOT_FOUND'} end
   local last = tonumber(s.last_seq)
   if count == 0 then return {'EMPTY', int(last + 1)} end
-  for i = 0, count - 1 do
-    local seq = ARGV[first + i * 4]
-    if tonumber(seq) ~= last + 1 + i then return {'GAP', int(last + 1 + i), seq} end
+  -- Events the log holds exactly (a retry of an append whose answer was lost) are skipped; one that
+  -- differs is left in, to be refused as a gap below.
+  local skip = 0
+  while skip < count do
+    local at = first + skip * 4
+    local seq = tonumber(ARGV[at])
+    if seq > last or seq ~= tonumber(ARGV[first]) + skip then break end
+    local entry = redis.call('XRANGE', k.log, seq .. '-0', seq .. '-0')
+    if #entry == 0 then break end
+    local f = {}
+    for j = 1, #entry[1][2], 2 do f[entry[1][2][j]] = entry[1][2][j + 1] end
+    if f.turn ~= ARGV[at + 1] or f.payload ~= ARGV[at + 2] or f.terminal ~= ARGV[at + 3] then break end
+    skip = skip + 1
   end
-  for i = 0, count - 1 do
+  for i = skip, count - 1 do
+    local seq = ARGV[first + i * 4]
+    if tonumber(seq) ~= last + 1 + i - skip then return {'GAP', int(last + 1 + i - skip), seq} end
+  end
+  for i = skip, count - 1 do
     local at = first + i * 4
     redis.call('XADD', k.log, ARGV[at] .. '-0', 'turn', ARGV[at + 1], 'payload', ARGV[at + 2], 'terminal', ARGV[at + 3])
   end
   redis.call('XTRIM', k.log, 'MAXLEN', '~', max_events)
-  s.last_seq = int(last + count)
+  s.last_seq = int(last + count - skip)
   redis.call('HSET', k.session, 'last_seq', s.last_seq)
   -- Appending is the owner's heartbeat: it keeps both the running turn and the session alive.
   if turn_running(s, now) then redis.call('HSET', k.session, 'lease_ms', int(now + lease_ms)) end

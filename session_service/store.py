@@ -186,6 +186,24 @@ def check_contiguous(last_seq: int, seqs: Sequence[int]) -> None:
             raise gap_error(expected, seq)
 
 
+def _already_logged(session: "_Session", events: Sequence[LogEntry]) -> int:
+    """How many of `events`, from the first, the log holds exactly: a retry of an append that landed but
+    whose answer was lost. Any that differs is left in, for check_contiguous to refuse as a gap."""
+    if not events:
+        raise no_events_error(session.last_seq + 1)
+    first_kept = session.events[0].seq if session.events else session.last_seq + 1
+    same = 0
+    for offset, event in enumerate(events):
+        seq = event.seq
+        if seq > session.last_seq or seq != events[0].seq + offset or seq < first_kept:
+            break
+        logged = session.events[seq - first_kept]
+        if (logged.turn_id, logged.payload, logged.terminal) != (event.turn_id, event.payload, event.terminal):
+            break
+        same += 1
+    return same
+
+
 def no_events_error(expected: int) -> Aborted:
     return Aborted(f"expected events starting at seq {expected}, got none")
 
@@ -531,9 +549,11 @@ class MemorySessionStore:
         session = self._live(session_id)
         if session is None:
             raise session_not_found(session_id)
-        check_contiguous(session.last_seq, [event.seq for event in events])
-        session.events.extend(events)
-        session.last_seq = events[-1].seq
+        events = events[_already_logged(session, events):]
+        if events:
+            check_contiguous(session.last_seq, [event.seq for event in events])
+            session.events.extend(events)
+            session.last_seq = events[-1].seq
         overflow = len(session.events) - self._log_max_events
         if overflow > 0:
             del session.events[:overflow]

@@ -43,6 +43,7 @@ class CountingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
     calls: list[tuple[str, object]] = field(default_factory=list)
     failures: int = 0
     batch_delay: float = 0.0
+    lost_answers: int = 0  # batch calls that land, then fail as if their answer never came back
 
     async def intercept_unary_unary(self, continuation, client_call_details, request):
         method = _method(client_call_details)
@@ -54,7 +55,14 @@ class CountingInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "injected failure"
             )
-        return await continuation(client_call_details, request)
+        call = await continuation(client_call_details, request)
+        if method == APPEND_BATCHES and self.lost_answers > 0:
+            await call  # landed
+            self.lost_answers -= 1
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, grpc.aio.Metadata(), grpc.aio.Metadata(), "answer lost"
+            )
+        return call
 
     def requests(self, method: str) -> list:
         return [request for called, request in self.calls if called == method]
@@ -314,3 +322,33 @@ async def test_a_follower_held_back_by_a_log_that_keeps_failing_ends_with_a_retr
     async for event in hub.follow(UNLOGGED_LIMIT):
         rest.append(event.seq)
     assert rest == list(range(UNLOGGED_LIMIT + 1, UNLOGGED_LIMIT + 9))
+
+
+async def test_events_whose_append_landed_but_whose_answer_was_lost_are_logged_once(rig, caplog):
+    hubs = [await rig.new_hub() for _ in range(3)]
+    rig.calls.lost_answers = 2
+    for hub in hubs:
+        for n in range(5):
+            hub.publish(delta(str(n)))
+    with caplog.at_level(logging.WARNING, logger="gateway.hub"):
+        rig.registry.start()
+        await eventually(lambda: all(hub.logged_seq == 5 for hub in hubs))
+    assert rig.calls.lost_answers == 0
+    assert "expected seq" not in caplog.text  # the retry was not refused as a gap
+    for hub in hubs:
+        assert [event.delta.text for event in await rig.logged(hub.session_id)] == [str(n) for n in range(5)]
+
+
+async def test_a_flush_cancelled_mid_call_keeps_its_events(rig):
+    hub = await rig.new_hub()
+    for n in range(3):
+        hub.publish(delta(str(n)))
+    flushing = asyncio.create_task(hub.flush())
+    await asyncio.sleep(0)  # the call is under way
+    flushing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await flushing
+    assert hub.has_unflushed  # nothing dropped, whether or not the call landed
+    rig.registry.start()
+    await eventually(lambda: hub.logged_seq == 3)
+    assert [event.delta.text for event in await rig.logged(hub.session_id)] == ["0", "1", "2"]

@@ -223,9 +223,29 @@ async def test_append_requires_contiguous_seqs(stub):
     assert (await get_session(stub, session_id)).last_seq == 0
 
     assert await append(stub, session_id, [1, 2]) == 2
-    error = await expect_status(grpc.StatusCode.ABORTED, append(stub, session_id, [2]))
+    error = await expect_status(grpc.StatusCode.ABORTED, append(stub, session_id, [4]))
     assert "expected seq 3" in error.details()
     assert await append(stub, session_id, [3]) == 3
+
+
+async def test_an_append_sent_again_after_it_landed_is_taken_once(stub):
+    # An append whose answer was lost (a timeout, a cancelled call) is sent again: the events the log
+    # already holds are skipped, never stored twice, and never refused as a gap.
+    session_id = (await open_session(stub)).session_id
+    assert await append(stub, session_id, [1, 2]) == 2
+    assert await append(stub, session_id, [1, 2]) == 2
+    assert await append(stub, session_id, [2, 3, 4]) == 4
+    events = [event for batch in await read_batches(stub, read_request(session_id)) for event in batch]
+    assert [(event.seq, event.payload) for event in events] == [(seq, log_event(seq).payload) for seq in range(1, 5)]
+
+    # A different event under a seq the log holds is not a retry: refused like a gap, nothing changes.
+    other = session_pb2.LogEvent(seq=4, turn_id="t1", payload=b"something else")
+    refused = stub.AppendEvents(session_pb2.AppendEventsRequest(session_id=session_id, events=[other]))
+    error = await expect_status(grpc.StatusCode.ABORTED, refused)
+    assert "expected seq 5" in error.details()
+    other_turn = stub.AppendEvents(session_pb2.AppendEventsRequest(session_id=session_id, events=[log_event(4, "t2")]))
+    await expect_status(grpc.StatusCode.ABORTED, other_turn)
+    assert (await get_session(stub, session_id)).last_seq == 4
 
 
 # -- ReadEvents
