@@ -71,8 +71,14 @@ class SessionClient:
         return await self._stub.BeginTurn(request, timeout=self._timeout)
 
     @_translated("session service")
-    async def end_turn(self, session_id: str, turn_id: str, tokens: int = 0, audio_ms: int = 0) -> None:
-        request = session_pb2.EndTurnRequest(session_id=session_id, turn_id=turn_id, tokens=tokens, audio_ms=audio_ms)
+    async def end_turn(
+        self, session_id: str, turn_id: str, tokens: int = 0, audio_ms: int = 0, unanswered: bool = False
+    ) -> None:
+        """unanswered: the turn never answered (a duplicate message, or one not stored); its message is
+        given back to the user's quota."""
+        request = session_pb2.EndTurnRequest(
+            session_id=session_id, turn_id=turn_id, tokens=tokens, audio_ms=audio_ms, unanswered=unanswered
+        )
         await self._stub.EndTurn(request, timeout=self._timeout)
 
     @_translated("session service")

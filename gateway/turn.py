@@ -664,8 +664,9 @@ class TurnManager:
         task.add_done_callback(self._tasks.discard)
 
     async def _end_quietly(self, session: SessionContext, turn: Turn) -> None:
+        """End a turn that never answered: its message is a duplicate, or was not stored."""
         try:
-            await self._services.sessions.end_turn(session.session_id, turn.id)
+            await self._services.sessions.end_turn(session.session_id, turn.id, unanswered=True)
         except DuplexError as error:
             log.warning("turn %s: could not release the session: %s", turn.id, error.message)
 

@@ -125,6 +125,12 @@ class MemoryQuotas:
             self._sent.setdefault(user_id, deque()).append(now)
         return self.status(user_id, now)
 
+    def give_back_message(self, user_id: str, counted_at: float | None) -> None:
+        """Uncount a message counted at `counted_at` (its turn never answered), if still in the window."""
+        sent = self._sent.get(user_id)
+        if sent is not None and counted_at in sent:
+            sent.remove(counted_at)
+
     def status(self, user_id: str, now: float) -> QuotaStatus:
         return QuotaStatus(
             messages_remaining=remaining(self._limits.messages_per_minute, len(self._window(user_id, now))),

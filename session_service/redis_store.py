@@ -554,7 +554,9 @@ class RedisSessionStore:
         raise RuntimeError(f"unexpected begin_turn reply {status!r}")
 
     @_redis_call
-    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0) -> None:
+    async def end_turn(
+        self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0, unanswered: bool = False
+    ) -> None:
         """Three atomic steps when the turn used anything (session state and the user's quota are in
         different hash slots): END_TURN ends the turn and marks it "counting"; ADD_USAGE adds its usage
         to the user's day once (keyed by session:turn, so a repeat adds nothing); TURN_COUNTED marks it
@@ -565,9 +567,13 @@ class RedisSessionStore:
         has_usage = tokens > 0 or audio_ms > 0
         args = [session_id, turn_id, self._ttl_ms, EXPIRY_GRACE_MS, "1" if has_usage else "0"]
         reply = await self._scripts.end_turn(keys=self._keys.of_session(session_id), args=args)
-        if reply[0] != b"OK" or reply[1] != b"1":
+        if reply[0] != b"OK":
             return
         user_id = _text(reply[2])
+        if unanswered:  # its message, counted by BeginTurn under session:turn, is given back (once: a set)
+            await self._scripts.give_back_quota(keys=[self._keys.messages(user_id)], args=[f"{session_id}:{turn_id}"])
+        if reply[1] != b"1":
+            return
         keys = [self._keys.tokens(user_id), self._keys.audio(user_id), self._keys.counted(user_id)]
         await self._scripts.add_usage(keys=keys, args=[f"{session_id}:{turn_id}", tokens, audio_ms])
         await self._scripts.turn_counted(keys=self._keys.of_session(session_id), args=[turn_id])

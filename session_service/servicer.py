@@ -191,7 +191,8 @@ class SessionServicer(session_pb2_grpc.SessionServiceServicer):
     ) -> session_pb2.EndTurnResponse:
         _require(session_id=request.session_id, turn_id=request.turn_id)
         await self._store.end_turn(
-            request.session_id, request.turn_id, tokens=request.tokens, audio_ms=request.audio_ms
+            request.session_id, request.turn_id, tokens=request.tokens, audio_ms=request.audio_ms,
+            unanswered=request.unanswered,
         )
         return session_pb2.EndTurnResponse()
 

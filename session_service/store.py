@@ -146,9 +146,12 @@ class SessionStore(Protocol):
         ResourceExhausted (with retry_after) over quota, the audio quota only for a turn that uses_audio.
         A refusal changes nothing."""
 
-    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0) -> None:
+    async def end_turn(
+        self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0, unanswered: bool = False
+    ) -> None:
         """Clear the running turn if it is turn_id (a no-op otherwise); count `tokens` and `audio_ms`
-        against the owner's daily quotas once per begun turn, however often EndTurn is repeated."""
+        against the owner's daily quotas once per begun turn, however often EndTurn is repeated. An
+        `unanswered` turn (its message a duplicate, or never stored) gives back the message it counted."""
 
     async def append_events(self, session_id: str, events: Sequence[LogEntry]) -> int:
         """Append events whose seqs continue the log; returns the new last seq."""
@@ -265,6 +268,7 @@ class _Turn:
     owner: str
     lease_expires_at: float
     cancel: CancelRequest | None = None
+    message_counted_at: float | None = None  # when its message was counted against the user's quota
 
 
 class CancelFeeds:
@@ -472,14 +476,14 @@ class MemorySessionStore:
     ) -> TurnStart:
         session = self._owned(user_id, session_id)
         now = self._clock()
-        taken_over, cancel = "", None
+        taken_over, cancel, counted_at = "", None, now
         if session.turn is not None and session.turn.turn_id == turn_id:
             quota = self._quotas.status(user_id, now)  # a retry: the message was counted the first time
-            cancel = session.turn.cancel
+            cancel, counted_at = session.turn.cancel, session.turn.message_counted_at
         else:
             quota = self._start_new_turn(session, turn_id, now, uses_audio)
             taken_over = session.turn.turn_id if session.turn is not None else ""
-        session.turn = _Turn(turn_id, owner, lease_expires_at=now + self._turn_lease, cancel=cancel)
+        session.turn = _Turn(turn_id, owner, now + self._turn_lease, cancel, counted_at)
         session.remember_turn(turn_id)
         self._touch(session)
         session.changes.notify()
@@ -501,13 +505,18 @@ class MemorySessionStore:
             )
         return self._quotas.count_message(session.user_id, now)
 
-    async def end_turn(self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0) -> None:
+    async def end_turn(
+        self, session_id: str, turn_id: str, *, tokens: int = 0, audio_ms: int = 0, unanswered: bool = False
+    ) -> None:
         session = self._live(session_id)
         if session is None:
             return
         if session.turn_states.get(turn_id) == _BEGUN:
             session.turn_states[turn_id] = _ENDED
             now = self._clock()
+            running = session.turn
+            if unanswered and running is not None and running.turn_id == turn_id:
+                self._quotas.give_back_message(session.user_id, running.message_counted_at)
             self._quotas.add_tokens(session.user_id, tokens, now)
             self._quotas.add_audio(session.user_id, audio_ms, now)
         if session.turn is None or session.turn.turn_id != turn_id:

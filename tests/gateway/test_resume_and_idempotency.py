@@ -3,6 +3,7 @@ the same client message id is stored once and answered once."""
 
 import asyncio
 
+import grpc
 from chat_helpers import ChatStream, collect, kinds, text_of
 
 from duplex.chat.v1 import chat_pb2
@@ -105,6 +106,24 @@ async def test_same_client_message_id_is_stored_once_and_answered_once(system):
         history_pb2.ListMessagesRequest(user_id="local", conversation_id=opened.session_opened.conversation_id)
     )
     assert [m.role for m in stored.messages] == [history_pb2.ROLE_USER, history_pb2.ROLE_ASSISTANT]
+    chat.cancel()
+
+
+async def test_a_duplicate_message_uses_no_quota(make_system):
+    system = await make_system(session_overrides={"quota_messages_per_minute": 2})
+    chat = ChatStream(system.chat)
+    await chat.open()
+    await chat.say("only once please", client_message_id="client-42")
+    assert kinds(await chat.until_turn_ends())[-1] == "turn_completed"
+    for _ in range(3):  # a client retrying what it already sent
+        await chat.say("only once please", client_message_id="client-42")
+        assert (await chat.next_event()).message_accepted.duplicate
+
+    await chat.say("a second message")  # the second of two a minute: still allowed
+    assert kinds(await chat.until_turn_ends())[-1] == "turn_completed"
+    await chat.say("a third message")
+    refused = await chat.next_event()
+    assert refused.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], refused
     chat.cancel()
 
 

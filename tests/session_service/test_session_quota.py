@@ -45,6 +45,22 @@ def retry_after_seconds(error: grpc.aio.AioRpcError, quota_id: str, limit: int) 
     return int(values[0]) / 1000
 
 
+async def test_an_unanswered_turn_gives_its_message_back(start_service):
+    # A duplicate message (already answered) or one history could not store: BeginTurn counted it, the
+    # gateway then ends the turn unanswered, and the user has that message back.
+    stub = (await start_service(quota_messages_per_minute=2)).stub
+    session_id = (await open_session(stub)).session_id
+    assert (await begin(stub, session_id, "t1")).quota.messages_remaining == 1
+    unanswered = session_pb2.EndTurnRequest(session_id=session_id, turn_id="t1", unanswered=True)
+    await stub.EndTurn(unanswered, timeout=CALL_TIMEOUT)
+    await stub.EndTurn(unanswered, timeout=CALL_TIMEOUT)  # repeated: given back once
+    assert (await begin(stub, session_id, "t2")).quota.messages_remaining == 1
+    await end_turn(stub, session_id, "t2")  # answered: stays counted
+    assert (await begin(stub, session_id, "t3")).quota.messages_remaining == 0
+    await end_turn(stub, session_id, "t3")
+    await expect_status(grpc.StatusCode.RESOURCE_EXHAUSTED, begin(stub, session_id, "t4"))
+
+
 async def test_begin_turn_reports_what_is_left(start_service):
     stub = (await start_service(quota_messages_per_minute=3, quota_tokens_per_day=1000)).stub
     session_id = (await open_session(stub)).session_id

@@ -138,16 +138,18 @@ class BeginTurnResponse(_message.Message):
     def __init__(self, last_seq: _Optional[int] = ..., quota: _Optional[_Union[QuotaStatus, _Mapping]] = ..., taken_over_turn_id: _Optional[str] = ..., cancel_requested: _Optional[_Union[CancelRequested, _Mapping]] = ...) -> None: ...
 
 class EndTurnRequest(_message.Message):
-    __slots__ = ("session_id", "turn_id", "tokens", "audio_ms")
+    __slots__ = ("session_id", "turn_id", "tokens", "audio_ms", "unanswered")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     AUDIO_MS_FIELD_NUMBER: _ClassVar[int]
+    UNANSWERED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     turn_id: str
     tokens: int
     audio_ms: int
-    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., tokens: _Optional[int] = ..., audio_ms: _Optional[int] = ...) -> None: ...
+    unanswered: bool
+    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., tokens: _Optional[int] = ..., audio_ms: _Optional[int] = ..., unanswered: _Optional[bool] = ...) -> None: ...
 
 class EndTurnResponse(_message.Message):
     __slots__ = ()
