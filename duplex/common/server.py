@@ -30,6 +30,12 @@ SERVER_OPTIONS = (
 Closer = Callable[[], Awaitable[None]]
 
 
+# The health name a liveness probe asks: SERVING while the process runs and answers, whatever its
+# dependencies do (a restart would not bring them back). Readiness asks the service's own name (and ""),
+# SERVING only while its dependencies answer; both go NOT_SERVING once the server stops.
+LIVENESS = "liveness"
+
+
 class GrpcServer:
     """A grpc.aio server with health and reflection, and the resources it closes when it stops."""
 
@@ -61,6 +67,7 @@ class GrpcServer:
             raise RuntimeError(f"cannot listen on {listen}")
         await self.server.start()
         await self.set_serving(False)
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:

@@ -11,6 +11,7 @@ import re
 import pytest
 import yaml
 
+from duplex.common.server import LIVENESS
 from tests.deploy.deploy_files import (
     DEFAULT_PORTS,
     ENVOY_CONFIG,
@@ -201,8 +202,10 @@ def test_duplex_deployments_run_their_module_with_grpc_probes(rendered):
         assert container["command"] == ["python", "-m", module], name
         port = DEFAULT_PORTS[module]
         assert {"name": "grpc", "containerPort": port} in container["ports"], name
-        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert container[probe]["grpc"] == {"port": port, "service": HEALTH_NAMES[module]}, (name, probe)
+        # Ready while its dependencies answer; alive (not restarted) while the process answers.
+        assert container["readinessProbe"]["grpc"] == {"port": port, "service": HEALTH_NAMES[module]}, name
+        for probe in ("startupProbe", "livenessProbe"):
+            assert container[probe]["grpc"] == {"port": port, "service": LIVENESS}, (name, probe)
         # Its configuration comes from the shared ConfigMap, which tells it to listen on that port.
         assert container["envFrom"] == [{"configMapRef": {"name": rendered.generated("ConfigMap", "duplex-config")
                                                           ["metadata"]["name"]}}]

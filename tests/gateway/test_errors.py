@@ -9,6 +9,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
+from duplex.common.server import LIVENESS, is_serving
 from duplex.session.v1 import session_pb2
 
 
@@ -208,3 +209,18 @@ async def test_a_status_that_says_nothing_of_retrying_carries_no_details(system)
         await collect(system.chat.SendMessage(request))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
     assert rpc_status.from_call(raised.value) is None
+
+
+async def test_an_inner_service_down_makes_the_gateway_unready_but_not_dead(make_system):
+    system = await make_system(dependency_check_interval_seconds=0.1)
+    channel = system.channel(system.gateway)
+    assert await is_serving(channel, "duplex.chat.v1.ChatService")
+    assert await is_serving(channel, LIVENESS)
+    await system.session.stop(0)
+    for _ in range(50):
+        if not await is_serving(channel, "duplex.chat.v1.ChatService"):
+            break
+        await asyncio.sleep(0.1)
+    assert not await is_serving(channel, "duplex.chat.v1.ChatService")  # readiness: no new traffic here
+    assert not await is_serving(channel, "")
+    assert await is_serving(channel, LIVENESS)  # liveness: a restart would not bring the session service back
