@@ -158,8 +158,10 @@ class HistoryClient:
         return (await self._stub.GetConversation(request, timeout=self._timeout)).conversation
 
     @_translated("history service")
-    async def append_message(self, request: history_pb2.AppendMessageRequest) -> history_pb2.AppendMessageResponse:
-        return await self._stub.AppendMessage(request, timeout=self._timeout)
+    async def append_message(
+        self, request: history_pb2.AppendMessageRequest, timeout: float | None = None
+    ) -> history_pb2.AppendMessageResponse:
+        return await self._stub.AppendMessage(request, timeout=timeout or self._timeout)
 
     @_translated("history service")
     async def list_messages(

@@ -15,6 +15,7 @@ from gateway.cancels import CancelWatch
 from gateway.chat import ChatServicer
 from gateway.clients import HistoryClient, LlmClient, SessionClient
 from gateway.conversations import ConversationServicer
+from gateway.deferred_writes import DeferredWrites
 from gateway.hub import HubRegistry
 from gateway.settings import GatewaySettings
 from gateway.tools import ToolRegistry, builtin_tools
@@ -38,11 +39,13 @@ DEPENDENCIES = {
 async def create_server(settings: GatewaySettings) -> GrpcServer:
     """Build and start the gateway; health turns SERVING once every inner service answers."""
     channels = {name: insecure_channel(getattr(settings, field)) for name, (field, _) in DEPENDENCIES.items()}
+    history = HistoryClient(channels["history service"], settings.rpc_timeout_seconds)
     services = Services(
         sessions=SessionClient(channels["session service"], settings.rpc_timeout_seconds),
-        history=HistoryClient(channels["history service"], settings.rpc_timeout_seconds),
+        history=history,
         llm=LlmClient(channels["llm service"]),
         tools=ToolRegistry(builtin_tools(), settings.tool_timeout_seconds),
+        deferred_writes=DeferredWrites(history),
     )
     owner = replica_id()
     hubs = HubRegistry(
@@ -70,6 +73,7 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     # Closed in reverse: the health watcher, then running turns (they still log and store), then the
     # event flusher's last flush, the watch for cancels from other replicas, then the channels they all use.
     server.on_stop(close_channels)
+    server.on_stop(services.deferred_writes.close)  # after the turns: they may hand it their answers
     server.on_stop(cancel_watch.close)
     server.on_stop(hubs.close)
     server.on_stop(turns.close)
@@ -78,6 +82,7 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     await server.start(settings.gateway_listen)
     hubs.start()
     cancel_watch.start()
+    services.deferred_writes.start()
     voice_inputs.start()
     try:
         # The browser edge (None when DUPLEX_HTTP_LISTEN is empty); `server.web.port` is its HTTP port.

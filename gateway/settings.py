@@ -37,6 +37,9 @@ class GatewaySettings(ServiceSettings):
     event_flush_interval_seconds: float = 0.02
     # Recent events kept in memory per active session, so same-replica resumes skip the session service.
     hub_buffer_events: int = 1024
+    # An answer's write as its turn ends waits this long for history; past it (or with history down) the
+    # turn ends saying the answer is saved later, and it is written again until history takes it.
+    answer_store_timeout_seconds: float = Field(3.0, gt=0)
     # A stream held back this long by a session log that takes nothing (the session service is down) ends
     # with a retryable UNAVAILABLE event, so its client resumes once the service is back.
     session_log_outage_seconds: float = Field(3.0, gt=0)

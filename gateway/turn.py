@@ -29,6 +29,7 @@ from duplex.session.v1 import session_pb2
 from gateway import personas
 from gateway.clients import Generation, HistoryClient, LlmClient, SessionClient
 from gateway.context import ConversationContext, tool_calls_json
+from gateway.deferred_writes import DeferredWrites
 from gateway.hub import HubRegistry, SessionHub, error_event, is_terminal
 from gateway.recovery import end_abandoned_turn
 from gateway.settings import GatewaySettings
@@ -69,6 +70,7 @@ class Services:
     history: HistoryClient
     llm: LlmClient
     tools: ToolRegistry
+    deferred_writes: DeferredWrites  # answers history could not take as their turn ended
 
 
 @dataclass
@@ -116,6 +118,7 @@ class Turn:
         self._last_token_at: float | None = None
         self._speaker: Speaker | None = None
         self._failure: DuplexError | None = None  # why the answer must end now (see fail())
+        self._saved_later = False  # history did not take the answer as the turn ended; it is written later
         self._interrupted_at_ms: int | None = None  # played_ms of an interrupt
         self._spoken_before_round = 0  # answer text of finished rounds (the speaker's text offsets count it)
 
@@ -397,22 +400,33 @@ class Turn:
             audio_output_ms=self._speaker.audio_ms if self._speaker is not None else 0,
         )
 
-    async def _store(self, request: history_pb2.AppendMessageRequest) -> str:
+    async def _store(self, request: history_pb2.AppendMessageRequest, timeout: float | None = None) -> str:
         request.user_id = self.session.user_id
         request.conversation_id = self.session.conversation_id
-        stored = await self._services.history.append_message(request)
+        stored = await self._services.history.append_message(request, timeout)
         if self.hub.context is not None and not self.hub.context.record(stored):
             self.hub.context = None  # something else was stored meanwhile: the next turn reads it back
         return stored.message.message_id
 
     async def _store_reply(self, status: int) -> str:
-        """Store the answer (whole or partial) once per turn; returns its message id."""
+        """Store the answer (whole or partial) once per turn; returns its message id, or "" when history
+        cannot take it now and it is written later (history keeps one message per client_message_id)."""
         usage = self._usage()
-        return await self._store(history_pb2.AppendMessageRequest(
+        request = history_pb2.AppendMessageRequest(
             role=history_pb2.ROLE_ASSISTANT, content=self._round.text, status=status,
             client_message_id=f"turn:{self.id}", model=self._model,
             prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
-        ))
+        )
+        try:
+            return await self._store(request, self._settings.answer_store_timeout_seconds)
+        except DuplexError as error:
+            if not error.retryable or not self._services.deferred_writes.add(request):
+                raise
+            log.warning("turn %s: history did not take the answer (%s); saving it once it is back", self.id,
+                        error.message)
+            self._saved_later = True
+            self.hub.context = None  # the next turn reads the conversation back
+            return ""
 
     async def _store_partial(self, status: int) -> str:
         if not self._round.text:
@@ -435,6 +449,7 @@ class Turn:
         completed = chat_pb2.TurnCompleted(
             finish_reason=_FINISH_REASONS.get(finish_reason, chat_pb2.FINISH_REASON_STOP),
             usage=self._usage(), assistant_message_id=message_id, tokens_per_second=self._tokens_per_second(),
+            saved_later=self._saved_later,
         )
         if self._first_token_at is not None:
             completed.time_to_first_token.CopyFrom(_duration(self._first_token_at - self._started_at))
@@ -449,7 +464,9 @@ class Turn:
         if self._interrupted_at_ms is not None and self._speaker is not None:
             return await self._end_heard(self._interrupted_at_ms)
         message_id = await self._store_partial(history_pb2.MESSAGE_STATUS_CANCELLED)
-        cancelled = chat_pb2.TurnCancelled(usage=self._usage(), assistant_message_id=message_id)
+        cancelled = chat_pb2.TurnCancelled(
+            usage=self._usage(), assistant_message_id=message_id, saved_later=self._saved_later
+        )
         self._publish(chat_pb2.ChatEvent(turn_cancelled=cancelled))
 
     async def _end_heard(self, played_ms: int) -> None:
@@ -459,7 +476,7 @@ class Turn:
         message_id = await self._store_partial(history_pb2.MESSAGE_STATUS_INTERRUPTED)
         cancelled = chat_pb2.TurnCancelled(
             usage=self._usage(), assistant_message_id=message_id, interrupted=True, played_ms=played_ms,
-            heard_chars=heard_chars,
+            heard_chars=heard_chars, saved_later=self._saved_later,
         )
         self._publish(chat_pb2.ChatEvent(turn_cancelled=cancelled))
 

@@ -380,32 +380,36 @@ class Usage(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., audio_input_ms: _Optional[int] = ..., audio_output_ms: _Optional[int] = ...) -> None: ...
 
 class TurnCompleted(_message.Message):
-    __slots__ = ("finish_reason", "usage", "time_to_first_token", "tokens_per_second", "assistant_message_id")
+    __slots__ = ("finish_reason", "usage", "time_to_first_token", "tokens_per_second", "assistant_message_id", "saved_later")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     ASSISTANT_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    SAVED_LATER_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     time_to_first_token: _duration_pb2.Duration
     tokens_per_second: float
     assistant_message_id: str
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., time_to_first_token: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., tokens_per_second: _Optional[float] = ..., assistant_message_id: _Optional[str] = ...) -> None: ...
+    saved_later: bool
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., time_to_first_token: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., tokens_per_second: _Optional[float] = ..., assistant_message_id: _Optional[str] = ..., saved_later: _Optional[bool] = ...) -> None: ...
 
 class TurnCancelled(_message.Message):
-    __slots__ = ("usage", "assistant_message_id", "interrupted", "played_ms", "heard_chars")
+    __slots__ = ("usage", "assistant_message_id", "interrupted", "played_ms", "heard_chars", "saved_later")
     USAGE_FIELD_NUMBER: _ClassVar[int]
     ASSISTANT_MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     INTERRUPTED_FIELD_NUMBER: _ClassVar[int]
     PLAYED_MS_FIELD_NUMBER: _ClassVar[int]
     HEARD_CHARS_FIELD_NUMBER: _ClassVar[int]
+    SAVED_LATER_FIELD_NUMBER: _ClassVar[int]
     usage: Usage
     assistant_message_id: str
     interrupted: bool
     played_ms: int
     heard_chars: int
-    def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ..., assistant_message_id: _Optional[str] = ..., interrupted: _Optional[bool] = ..., played_ms: _Optional[int] = ..., heard_chars: _Optional[int] = ...) -> None: ...
+    saved_later: bool
+    def __init__(self, usage: _Optional[_Union[Usage, _Mapping]] = ..., assistant_message_id: _Optional[str] = ..., interrupted: _Optional[bool] = ..., played_ms: _Optional[int] = ..., heard_chars: _Optional[int] = ..., saved_later: _Optional[bool] = ...) -> None: ...
 
 class ChatError(_message.Message):
     __slots__ = ("code", "message", "retryable", "retry_after")
