@@ -24,6 +24,8 @@ import grpc
 from aiohttp import web
 from google.protobuf.descriptor import FileDescriptor
 
+from duplex.common.errors import STATUS_DETAILS_KEY
+
 log = logging.getLogger(__name__)
 
 # Content type -> whether the body is base64 ("text" mode). `+proto` is the default message format.
@@ -120,9 +122,11 @@ def percent_encode(message: str) -> str:
 
 
 def status_fields(code: grpc.StatusCode, message: str, metadata: Iterable[tuple[str, str | bytes]] = ()) -> dict:
+    """The status and the call's trailing metadata (binary values in base64), with the rich status
+    (grpc-status-details-bin: RetryInfo, QuotaFailure) passed on as it came."""
     fields = {"grpc-status": str(code.value[0]), "grpc-message": percent_encode(message)}
     for key, value in metadata:
-        if key.startswith("grpc-") or key in fields:
+        if (key.startswith("grpc-") and key != STATUS_DETAILS_KEY) or key in fields:
             continue  # the status is ours to write
         fields[key] = base64.b64encode(value).decode() if isinstance(value, bytes) else value
     return fields

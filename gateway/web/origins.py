@@ -12,7 +12,7 @@ from aiohttp import web
 
 # What grpc-web clients (grpc-web, Connect-ES) send, and what they must be able to read.
 ALLOWED_HEADERS = "content-type, x-grpc-web, x-user-agent, authorization, grpc-timeout"
-EXPOSED_HEADERS = "grpc-status, grpc-message"
+EXPOSED_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin"
 ALLOWED_METHODS = "GET, POST, OPTIONS"
 PREFLIGHT_MAX_AGE_SECONDS = "600"
 

@@ -2,11 +2,14 @@
 buffering, CORS, trailers, auth, and malformed requests."""
 
 import asyncio
+import base64
 import struct
 import time
+from urllib.parse import unquote
 
 import grpc
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from pydantic import SecretStr
 from web_helpers import (
     GRPC_WEB,
@@ -230,3 +233,26 @@ async def eventually(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("content_type", [GRPC_WEB, GRPC_WEB_TEXT])
+async def test_a_quota_refusal_carries_its_rich_status_over_grpc_web(make_system, http, content_type):
+    system = await make_system(session_overrides={"quota_messages_per_minute": 1})
+    response, _, trailers = await call(http, system, SEND, send_request("one"), content_type)
+    assert status_of(response, trailers) == OK
+    origin = f"http://localhost:{system.gateway.web.port}"
+    response, messages, trailers = await call(
+        http, system, SEND, send_request("two"), content_type, headers={"Origin": origin}
+    )
+    # A page may read it from a trailers-only response too (the status in the HTTP headers).
+    assert "grpc-status-details-bin" in response.headers["Access-Control-Expose-Headers"].split(", ")
+    # The session is opened (one message), then the message is refused: the status is in the trailers.
+    assert [event.WhichOneof("kind") for event in events_of(messages)] == ["session_opened"]
+    assert trailers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+    status = status_pb2.Status.FromString(base64.b64decode(trailers["grpc-status-details-bin"]))
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert status.message == unquote(trailers["grpc-message"]) == "message quota exhausted: 1 messages per minute"
+    retry, failure = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+    assert status.details[0].Unpack(retry) and status.details[1].Unpack(failure)
+    assert 0 < retry.retry_delay.ToMilliseconds() <= 60_000
+    assert failure.violations[0].quota_id == "MessagesPerMinutePerUser"
