@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from duplex.chat.v1 import chat_pb2
-from duplex.common.errors import DuplexError, NotFound, OutOfRange, Unavailable
+from duplex.common.errors import DuplexError, FailedPrecondition, NotFound, OutOfRange, Unavailable
 from duplex.session.v1 import session_pb2
 from gateway.clients import SessionClient
 
 if TYPE_CHECKING:
+    from gateway.context import ConversationContext
     from gateway.turn import Turn
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,8 @@ class SessionHub:
         self.user_id = user_id
         self.last_seq = last_seq
         self.logged_seq = last_seq  # the last seq the session service has
-        self.turn = None  # the gateway.turn.Turn running in this session on this replica, if any
-        self.context = None  # the conversation as the last turn here left it (gateway.context.ConversationContext)
+        self._turn: Turn | None = None  # the turn running in this session on this replica, if any
+        self._context: ConversationContext | None = None  # the conversation as the last turn here left it
         self.references = 0
         self._sessions = sessions
         self._recent: deque[chat_pb2.ChatEvent] = deque(maxlen=capacity)
@@ -139,6 +140,33 @@ class SessionHub:
         self.unsent_end: TurnEnd | None = None  # a turn's end the session service has not taken yet
         self._changed = asyncio.Event()
         self.on_dirty: Callable[[SessionHub], None] = lambda hub: None
+
+    # -- the session's live state on this replica: its running turn and its conversation. Only these
+    # methods change them; everything else reads them.
+
+    @property
+    def turn(self) -> "Turn | None":
+        return self._turn
+
+    def take_turn(self, turn: "Turn") -> None:
+        """Make `turn` the session's running turn, before any await, so a concurrent message is refused."""
+        if self._turn is not None:
+            raise FailedPrecondition("a turn is already running in this session; cancel it or wait")
+        self._turn = turn
+
+    def release_turn(self, turn: "Turn") -> None:
+        """`turn` ended (or never began): the session may take another; followers waiting on it go on."""
+        if self._turn is turn:
+            self._turn = None
+        self.wake()
+
+    @property
+    def context(self) -> "ConversationContext | None":
+        return self._context
+
+    def keep_context(self, context: "ConversationContext | None") -> None:
+        """The conversation as it stands now, for the next turn here; None: it reads history back."""
+        self._context = context
 
     def publish(self, event: chat_pb2.ChatEvent) -> chat_pb2.ChatEvent:
         """Number, timestamp, buffer and queue `event` for the log; wake every follower."""

@@ -3,6 +3,18 @@ turn_completed / turn_cancelled / error, with tool rounds in between.
 
 A turn runs in its own task, owned by TurnManager rather than by the client's stream, so a dropped
 connection does not stop it; only an explicit cancel (or the gateway stopping) does.
+
+Its life, and who changes what (the session's running turn and conversation belong to its SessionHub,
+changed only through take_turn / release_turn / keep_context; its seq cursor and log lease too):
+- starts: TurnManager.start takes the hub's turn slot, begins the turn in the session service (quota,
+  lease, taking over a turn whose gateway died: gateway.recovery), stores the user message, publishes
+  message_accepted and launches Turn.run;
+- streams: Turn._produce calls the model (and tools, and the speaker), publishing each event to the hub,
+  which numbers it, hands it to followers and batches it into the session log (renewing the lease);
+- is cancelled: Turn.stop (a client on this replica, or gateway.cancels for one on another), interrupt
+  (barge-in) or fail (speech failed, the session's log is gone) cancel the producer; _answer ends it;
+- ends: exactly one terminal event, the answer stored once (or deferred: gateway.deferred_writes), then
+  _log_and_end logs the last events and tells the session service, and the hub's slot is released.
 """
 
 import asyncio
@@ -18,7 +30,6 @@ from duplex.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
     DuplexError,
-    FailedPrecondition,
     Internal,
     InvalidArgument,
     Unavailable,
@@ -202,8 +213,7 @@ class Turn:
             try:
                 await self._log_and_end()
             finally:
-                self.hub.turn = None
-                self.hub.wake()
+                self.hub.release_turn(self)
                 self._finished.set()
 
     async def _answer(self) -> None:
@@ -303,7 +313,7 @@ class Turn:
                 self._settings.context_messages,
             )
             context.counted_at(self.user_message_stored)
-            self.hub.context = context
+            self.hub.keep_context(context)
         return context
 
     async def _generate(self, messages: list[llm_pb2.Message], allow_tools: bool) -> None:
@@ -405,7 +415,7 @@ class Turn:
         request.conversation_id = self.session.conversation_id
         stored = await self._services.history.append_message(request, timeout)
         if self.hub.context is not None and not self.hub.context.record(stored):
-            self.hub.context = None  # something else was stored meanwhile: the next turn reads it back
+            self.hub.keep_context(None)  # something else was stored meanwhile: the next turn reads it back
         return stored.message.message_id
 
     async def _store_reply(self, status: int) -> str:
@@ -425,7 +435,7 @@ class Turn:
             log.warning("turn %s: history did not take the answer (%s); saving it once it is back", self.id,
                         error.message)
             self._saved_later = True
-            self.hub.context = None  # the next turn reads the conversation back
+            self.hub.keep_context(None)  # the next turn reads the conversation back
             return ""
 
     async def _store_partial(self, status: int) -> str:
@@ -597,7 +607,7 @@ class TurnManager:
         finally:
             if not started:
                 turn.drop_early()
-                self._unreserve(hub)
+                hub.release_turn(turn)
         await self._take_over(hub, session, begun)
         accepted = _accepted(session, message, turn.user_message_id, duplicate=False)
         accepted.turn_id = turn.id
@@ -613,7 +623,7 @@ class TurnManager:
         try:
             begun = await self._begin(session, turn)
         except BaseException:
-            self._unreserve(hub)
+            hub.release_turn(turn)
             raise
         await self._take_over(hub, session, begun)
         self._launch(hub, turn, begun)
@@ -635,18 +645,11 @@ class TurnManager:
         utterance: Utterance | None = None,
     ) -> Turn:
         """Take the session's turn slot before the first await, so concurrent messages are refused."""
-        if hub.turn is not None:
-            raise FailedPrecondition("a turn is already running in this session; cancel it or wait")
         turn = Turn(hub, session, message, self._services, self._settings, utterance)
-        hub.turn = turn
+        hub.take_turn(turn)
         if hub.context is None and session.new_conversation:
-            hub.context = ConversationContext.empty(self._settings.context_messages)
+            hub.keep_context(ConversationContext.empty(self._settings.context_messages))
         return turn
-
-    @staticmethod
-    def _unreserve(hub: SessionHub) -> None:
-        hub.turn = None
-        hub.wake()
 
     async def _begin(self, session: SessionContext, turn: Turn) -> session_pb2.BeginTurnResponse:
         hub = turn.hub
