@@ -12,14 +12,49 @@ from pathlib import Path
 
 import grpc
 import jwt
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
 from duplex.common.errors import Unauthenticated
+from duplex.common.settings import ConfigurationError
 from gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
 # Asymmetric and HMAC algorithms we accept; "none" is never among them.
-ALLOWED_ALGORITHMS = frozenset({"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"})
+SHARED_SECRET_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+PUBLIC_KEY_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "ES256", "ES384", "EdDSA"})
+ALLOWED_ALGORITHMS = SHARED_SECRET_ALGORITHMS | PUBLIC_KEY_ALGORITHMS
+EC_ALGORITHMS = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
+
+
+def algorithms_for(key) -> frozenset[str]:
+    """The algorithms a key can verify: a token naming any other is refused before its key is used, so a
+    forged header cannot make PyJWT use an RSA key as an EC key or a PEM as an HMAC secret."""
+    if isinstance(key, str | bytes):
+        return SHARED_SECRET_ALGORITHMS
+    if isinstance(key, rsa.RSAPublicKey):
+        return frozenset({"RS256", "RS384", "RS512"})
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return frozenset({EC_ALGORITHMS.get(key.curve.name, "")}) - {""}
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return frozenset({"EdDSA"})
+    return frozenset()
+
+
+def load_public_key(path: Path):
+    """A PEM public key or certificate's key; ConfigurationError (one line) for anything else."""
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigurationError(f"DUPLEX_JWT_PUBLIC_KEY_FILE cannot be read: {error.strerror}") from None
+    try:
+        if b"CERTIFICATE" in pem:
+            return x509.load_pem_x509_certificate(pem).public_key()
+        return load_pem_public_key(pem)
+    except ValueError:
+        raise ConfigurationError(f"DUPLEX_JWT_PUBLIC_KEY_FILE {path} holds no PEM public key or certificate") from None
 
 
 class Authenticator:
@@ -32,19 +67,29 @@ class Authenticator:
         self._jwks = self._load_jwks(settings.jwt_jwks_file)
         self.enabled = self._key is not None or self._jwks is not None
         if self.enabled and not self._algorithms:
-            raise ValueError("DUPLEX_JWT_ALGORITHMS allows no supported algorithm")
+            raise ConfigurationError("DUPLEX_JWT_ALGORITHMS allows no supported algorithm")
+        if self._key is not None and not algorithms_for(self._key) & set(self._algorithms):
+            raise ConfigurationError(f"DUPLEX_JWT_ALGORITHMS ({', '.join(self._algorithms)}) has no algorithm for the "
+                             f"configured key (it verifies {', '.join(sorted(algorithms_for(self._key)))})")
 
     @staticmethod
     def _load_key(settings: GatewaySettings):
         if settings.jwt_secret is not None:
             return settings.jwt_secret.get_secret_value()
         if settings.jwt_public_key_file is not None:
-            return Path(settings.jwt_public_key_file).read_text()
+            return load_public_key(settings.jwt_public_key_file)
         return None
 
     @staticmethod
     def _load_jwks(path: Path | None) -> jwt.PyJWKSet | None:
-        return jwt.PyJWKSet.from_json(Path(path).read_text()) if path else None
+        if path is None:
+            return None
+        try:
+            return jwt.PyJWKSet.from_json(Path(path).read_text())
+        except OSError as error:
+            raise ConfigurationError(f"DUPLEX_JWT_JWKS_FILE cannot be read: {error.strerror}") from None
+        except (ValueError, jwt.PyJWTError) as error:  # not JSON, or no usable key in it
+            raise ConfigurationError(f"DUPLEX_JWT_JWKS_FILE holds no usable key set: {error}") from None
 
     def warn_if_disabled(self) -> None:
         secret = self._settings.jwt_secret
@@ -64,8 +109,9 @@ class Authenticator:
         if not token:
             raise Unauthenticated("a bearer token is required")
         try:
+            key = self._verification_key(token)
             claims = jwt.decode(
-                token, self._verification_key(token), algorithms=self._algorithms,
+                token, key, algorithms=[a for a in self._algorithms if a in algorithms_for(key)],
                 audience=self._settings.jwt_audience, issuer=self._settings.jwt_issuer,
                 leeway=self._settings.jwt_leeway_seconds, options={"require": ["exp", "sub"]},
             )
@@ -73,6 +119,8 @@ class Authenticator:
             raise Unauthenticated("the token has expired") from None
         except jwt.InvalidTokenError as error:
             raise Unauthenticated(f"invalid token: {_reason(error)}") from None
+        except jwt.PyJWTError:  # a key PyJWT refuses for this token (InvalidKeyError): still a bad token
+            raise Unauthenticated("invalid token: its algorithm does not fit the key") from None
         subject = claims["sub"]
         if not isinstance(subject, str) or not subject or len(subject) > 255:
             raise Unauthenticated("invalid token: bad subject")

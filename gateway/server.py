@@ -10,6 +10,7 @@ import uuid
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc, conversation_pb2, conversation_pb2_grpc
 from duplex.common.logs import configure_logging
 from duplex.common.server import GrpcServer, insecure_channel, is_serving, serve_until_signal
+from duplex.common.settings import ConfigurationError, exit_bad_configuration, load_settings
 from gateway.auth import Authenticator
 from gateway.cancels import CancelWatch
 from gateway.chat import ChatServicer
@@ -38,6 +39,8 @@ DEPENDENCIES = {
 
 async def create_server(settings: GatewaySettings) -> GrpcServer:
     """Build and start the gateway; health turns SERVING once every inner service answers."""
+    identity = Authenticator(settings)  # first: a key that cannot work stops start-up before anything opens
+    identity.warn_if_disabled()
     channels = {name: insecure_channel(getattr(settings, field)) for name, (field, _) in DEPENDENCIES.items()}
     history = HistoryClient(channels["history service"], settings.rpc_timeout_seconds)
     services = Services(
@@ -54,8 +57,6 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     )
     turns = TurnManager(services, hubs, settings, owner)
     cancel_watch = CancelWatch(services.sessions, hubs, owner)
-    identity = Authenticator(settings)
-    identity.warn_if_disabled()
     voice_inputs = VoiceInputs(hubs, check_interval=max(1.0, settings.voice_input_idle_seconds / 4))
     chat = ChatServicer(services, hubs, turns, identity, settings, voice_inputs)
     conversations = ConversationServicer(services.history, identity)
@@ -129,6 +130,9 @@ async def serve(settings: GatewaySettings) -> None:
 
 
 def main() -> None:
-    settings = GatewaySettings()
+    settings = load_settings(GatewaySettings, "gateway")
     configure_logging(settings.log_level, "gateway")
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except ConfigurationError as error:
+        exit_bad_configuration("gateway", str(error))

@@ -92,4 +92,12 @@ class GatewaySettings(ServiceSettings):
             self.jwt_secret = None  # an empty variable means "not set", not "sign with an empty key"
         if not self.jwt_algorithms:
             self.jwt_algorithms = ["HS256"] if self.jwt_secret is not None else ["RS256", "ES256", "EdDSA"]
+        shared = sorted(a for a in self.jwt_algorithms if a.startswith("HS"))
+        public = sorted(a for a in self.jwt_algorithms if not a.startswith("HS"))
+        if shared and public:
+            raise ValueError(f"DUPLEX_JWT_ALGORITHMS mixes shared-secret ({', '.join(shared)}) and public-key "
+                             f"({', '.join(public)}) algorithms; list one kind, matching the key you configure")
+        if public and self.jwt_secret is not None:
+            raise ValueError("DUPLEX_JWT_ALGORITHMS lists public-key algorithms but DUPLEX_JWT_SECRET is a shared "
+                             "secret; list HS256, HS384 or HS512")
         return self

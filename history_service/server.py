@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from duplex.common.logs import configure_logging
 from duplex.common.server import GrpcServer, insecure_channel, serve_until_signal
+from duplex.common.settings import load_settings
 from duplex.history.v1 import history_pb2_grpc
 from duplex.llm.v1 import llm_pb2_grpc
 from history_service.database import check_connection, create_database_engine, create_sessionmaker
@@ -100,7 +101,7 @@ async def serve(settings: HistorySettings) -> None:
 
 
 def main() -> None:
-    settings = HistorySettings()
+    settings = load_settings(HistorySettings, "history_service")
     configure_logging(settings.log_level, "history")
     try:
         asyncio.run(serve(settings))

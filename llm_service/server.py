@@ -12,6 +12,7 @@ from functools import partial
 
 from duplex.common.logs import configure_logging
 from duplex.common.server import GrpcServer, serve_until_signal
+from duplex.common.settings import load_settings
 from duplex.llm.v1 import llm_pb2, llm_pb2_grpc
 from llm_service.providers import AnyProvider, LocalProvider, LocalSpeechProvider, OpenAIProvider, ProviderRegistry
 from llm_service.resilience import ModelRouter
@@ -118,7 +119,7 @@ async def serve(settings: LlmSettings) -> None:
 
 
 def main() -> None:
-    settings = LlmSettings()
+    settings = load_settings(LlmSettings, PROCESS_NAME)
     configure_logging(settings.log_level, PROCESS_NAME)
     quiet_http_client_logs()
     asyncio.run(serve(settings))

@@ -9,12 +9,10 @@ import asyncio
 import contextlib
 import functools
 import logging
-import sys
-
-import pydantic
 
 from duplex.common.logs import configure_logging
 from duplex.common.server import GrpcServer, serve_until_signal
+from duplex.common.settings import load_settings
 from duplex.session.v1 import session_pb2, session_pb2_grpc
 from session_service.quota import QuotaLimits
 from session_service.redis_store import RedisSessionStore, connect, redact_url
@@ -111,21 +109,7 @@ async def serve(settings: SessionSettings) -> None:
     await serve_until_signal(server, settings.shutdown_grace_seconds, "session_service")
 
 
-def configuration_error(error: pydantic.ValidationError) -> str:
-    """One line naming each bad variable (never its value: it may be a secret)."""
-    problems = []
-    for problem in error.errors(include_input=False, include_url=False):
-        message = problem["msg"].removeprefix("Value error, ")
-        where = "_".join(str(part) for part in problem["loc"]).upper()
-        problems.append(f"DUPLEX_{where}: {message}" if where else message)
-    return "session_service: bad configuration: " + "; ".join(problems)
-
-
 def main() -> None:
-    try:
-        settings = SessionSettings()
-    except pydantic.ValidationError as error:
-        print(configuration_error(error), file=sys.stderr)
-        raise SystemExit(2) from None
+    settings = load_settings(SessionSettings, "session_service")
     configure_logging(settings.log_level, "session_service")
     asyncio.run(serve(settings))

@@ -1,5 +1,9 @@
 """The settings every service shares; each service subclasses ServiceSettings with its own fields."""
 
+import sys
+from typing import NoReturn, TypeVar
+
+import pydantic
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -11,3 +15,33 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     # How long a stopping server lets running calls finish before cancelling them.
     shutdown_grace_seconds: float = 5.0
+
+
+S = TypeVar("S", bound=ServiceSettings)
+
+
+class ConfigurationError(ValueError):
+    """A setting that cannot work, found after the settings loaded (a key file that holds no key, say)."""
+
+
+def load_settings(settings_class: type[S], service: str) -> S:
+    """The service's settings; bad ones print one line naming each variable and exit 2 (no traceback)."""
+    try:
+        return settings_class()
+    except pydantic.ValidationError as error:
+        exit_bad_configuration(service, describe_errors(error))
+
+
+def describe_errors(error: pydantic.ValidationError) -> str:
+    """One line naming each bad variable (never its value: it may be a secret)."""
+    problems = []
+    for problem in error.errors(include_input=False, include_url=False):
+        message = problem["msg"].removeprefix("Value error, ")
+        where = "_".join(str(part) for part in problem["loc"]).upper()
+        problems.append(f"DUPLEX_{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def exit_bad_configuration(service: str, message: str) -> NoReturn:
+    print(f"{service}: bad configuration: {message}", file=sys.stderr)
+    raise SystemExit(2)

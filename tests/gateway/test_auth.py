@@ -1,7 +1,14 @@
 """JWT authentication and per-user isolation: the user id comes only from a verified token."""
 
+import base64
+import hashlib
+import hmac
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import grpc
 import jwt
@@ -167,3 +174,100 @@ async def test_another_users_session_and_conversation_are_not_found(make_system)
 def test_an_empty_secret_means_authentication_is_off():
     assert GatewaySettings(jwt_secret=SecretStr("")).jwt_secret is None
     assert Authenticator(GatewaySettings(jwt_secret=SecretStr(""))).enabled is False
+
+
+def public_key_file(tmp_path, private) -> Path:
+    path = tmp_path / "public.pem"
+    path.write_bytes(private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ))
+    return path
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def forged_claims() -> bytes:
+    return json.dumps({"sub": "mallory", "aud": "duplex", "iss": "duplex", "exp": int(time.time()) + 60}).encode()
+
+
+def junk_signed(algorithm: str, **headers) -> str:
+    """A token whose header names `algorithm` and whose signature is junk (a forger without the key)."""
+    header = json.dumps({"alg": algorithm, "typ": "JWT", **headers}).encode()
+    return f"{b64(header)}.{b64(forged_claims())}.{'A' * 86}"
+
+
+@pytest.mark.parametrize("algorithm", ["ES256", "ES384", "EdDSA", "RS384", "PS256", "HS256"])
+def test_a_token_whose_algorithm_does_not_fit_the_key_is_unauthenticated(tmp_path, algorithm):
+    """Key-type confusion (an EC or EdDSA header on an RSA key) is a refused token, not an internal error."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    by_key = Authenticator(GatewaySettings(jwt_public_key_file=public_key_file(tmp_path, private)))
+    with pytest.raises(Unauthenticated, match="invalid token"):
+        by_key.user_from_token(junk_signed(algorithm))
+    jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [{**jwk, "kid": "k1"}]}))
+    by_jwks = Authenticator(GatewaySettings(jwt_jwks_file=tmp_path / "jwks.json"))
+    with pytest.raises(Unauthenticated, match="invalid token"):
+        by_jwks.user_from_token(junk_signed(algorithm, kid="k1"))
+
+
+def test_an_hmac_token_signed_with_the_public_key_is_unauthenticated(tmp_path):
+    """The classic confusion: HS256 keyed with the public PEM. Settings refuse an allowlist that would let
+    it through; the authenticator refuses it even so."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = public_key_file(tmp_path, private)
+    signing_input = f"{b64(json.dumps({'alg': 'HS256', 'typ': 'JWT'}).encode())}.{b64(forged_claims())}"
+    signature = hmac.new(path.read_bytes(), signing_input.encode(), hashlib.sha256).digest()
+    forged = f"{signing_input}.{b64(signature)}"
+    configured = GatewaySettings(jwt_public_key_file=path)
+    for allowlist in (configured.jwt_algorithms, ["RS256", "HS256"]):
+        configured.jwt_algorithms = allowlist  # the mixed list, as if it got past the settings check
+        with pytest.raises(Unauthenticated, match="invalid token"):
+            Authenticator(configured).user_from_token(forged)
+
+
+@pytest.mark.parametrize(
+    ("key", "algorithms"),
+    [("secret", ["RS256", "HS256"]), ("secret", ["HS512", "EdDSA"]), ("public", ["RS256", "HS256"]),
+     ("secret", ["RS256"])],
+)
+def test_an_allowlist_that_does_not_fit_the_key_is_refused(tmp_path, key, algorithms):
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    given = {"jwt_secret": SecretStr(SECRET)} if key == "secret" else {
+        "jwt_public_key_file": public_key_file(tmp_path, private)}
+    with pytest.raises(ValueError, match="DUPLEX_JWT_ALGORITHMS"):
+        GatewaySettings(**given, jwt_algorithms=algorithms)
+
+
+@pytest.mark.parametrize("algorithms", [["HS256"], ["ES256"]])
+def test_an_allowlist_with_nothing_for_the_public_key_is_refused(tmp_path, algorithms):
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    configured = GatewaySettings(jwt_public_key_file=public_key_file(tmp_path, private), jwt_algorithms=algorithms)
+    with pytest.raises(ValueError, match="no algorithm for the configured key"):
+        Authenticator(configured)
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        ({"DUPLEX_JWT_SECRET": SECRET, "DUPLEX_JWT_ALGORITHMS": '["HS256", "RS256"]'},
+         "DUPLEX_JWT_ALGORITHMS mixes shared-secret (HS256) and public-key (RS256)"),
+        ({"DUPLEX_JWT_PUBLIC_KEY_FILE": "{junk}"}, "DUPLEX_JWT_PUBLIC_KEY_FILE {junk} holds no PEM public key"),
+        ({"DUPLEX_JWT_PUBLIC_KEY_FILE": "{missing}"}, "DUPLEX_JWT_PUBLIC_KEY_FILE cannot be read"),
+        ({"DUPLEX_JWT_JWKS_FILE": "{junk}"}, "DUPLEX_JWT_JWKS_FILE holds no usable key set"),
+    ],
+    ids=["mixed-allowlist", "not-a-key", "missing-file", "not-a-key-set"],
+)
+def test_a_key_or_allowlist_that_cannot_work_exits_2_with_one_line(tmp_path, variables, expected):
+    (tmp_path / "junk").write_text("not a key\n")
+    paths = {"junk": tmp_path / "junk", "missing": tmp_path / "missing.pem"}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DUPLEX_")}
+    env.update({"DUPLEX_GATEWAY_LISTEN": "127.0.0.1:0", "DUPLEX_HTTP_LISTEN": "127.0.0.1:0"})
+    env.update({key: value.format(**paths) for key, value in variables.items()})
+    done = subprocess.run([sys.executable, "-m", "gateway"], cwd=Path(__file__).parents[2], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"gateway: bad configuration: {expected.format(**paths)}")
+    assert SECRET not in done.stderr
