@@ -219,13 +219,14 @@ def to_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, GENERIC_INTERNAL_MESSAGE
 
 
-def _guard(behavior):
-    """Wrap one handler (coroutine or async generator) so that exceptions become statuses."""
+def _guard(behavior, parse):
+    """Wrap one handler (coroutine or async generator) so that its request is parsed here and exceptions
+    become statuses."""
     if inspect.isasyncgenfunction(behavior):
 
         async def guarded_stream(request, context):
             try:
-                async for response in behavior(request, context):
+                async for response in behavior(parse(request), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
@@ -236,13 +237,39 @@ def _guard(behavior):
 
     async def guarded(request, context):
         try:
-            return await behavior(request, context)
+            return await behavior(parse(request), context)
         except grpc.aio.AbortError:
             raise
         except Exception as error:
             await abort(context, error)
 
     return guarded
+
+
+def _parser(deserialize, streaming: bool):
+    """Requests arrive as bytes and are parsed in the handler, so a malformed one (not protobuf, a
+    truncated varint, bad UTF-8 in a string) is INVALID_ARGUMENT; grpc's own deserializer would answer
+    UNKNOWN with the parser's exception in the message."""
+    if deserialize is None:
+        return lambda request: request
+
+    def parse_one(raw: bytes):
+        try:
+            return deserialize(raw)
+        except protobuf_message.DecodeError as error:
+            raise InvalidArgument(f"malformed request: {_decode_reason(error)}") from None
+
+    async def parse_each(raw_requests):
+        async for raw in raw_requests:
+            yield parse_one(raw)
+
+    return parse_each if streaming else parse_one
+
+
+def _decode_reason(error: protobuf_message.DecodeError) -> str:
+    # "Error parsing message with type 'pkg.Message': String field had bad UTF-8" -> the part after the type.
+    text = str(error)
+    return text.rpartition(": ")[2] if ": " in text else "not a valid protobuf message"
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -253,5 +280,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
-                return handler._replace(**{kind: _guard(behavior)})
+                parse = _parser(handler.request_deserializer, streaming=kind.startswith("stream"))
+                return handler._replace(**{kind: _guard(behavior, parse), "request_deserializer": None})
         return handler

@@ -82,7 +82,9 @@ class WebEdge:
         self._open_sockets: set[web.WebSocketResponse] = set()
         self._runner: web.AppRunner | None = None
         self.port = 0
-        self.grpc_web = GrpcWebProxy(self._channel, *callable_methods(_public_files(), PUBLIC_SERVICES))
+        self.grpc_web = GrpcWebProxy(
+            self._channel, *callable_methods(_public_files(), PUBLIC_SERVICES), settings.http_max_message_bytes
+        )
 
     @property
     def url(self) -> str:

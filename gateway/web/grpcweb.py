@@ -63,6 +63,14 @@ class GrpcWebError(Exception):
         self.message = message
 
 
+class TooLarge(GrpcWebError):
+    """A request over the message limit: refused with HTTP 413 and RESOURCE_EXHAUSTED, unread."""
+
+    def __init__(self, max_message_bytes: int):
+        super().__init__(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request is over the {max_message_bytes}-byte "
+                         "message limit")
+
+
 def callable_methods(files: Iterable[FileDescriptor], services: Iterable[str]) -> tuple[dict[str, Method], set[str]]:
     """The methods grpc-web can call (unary and server-streaming), and the client-streaming ones it cannot
     (browsers cannot stream a request body: grpc/grpc-web#735)."""
@@ -85,7 +93,14 @@ def frame(flag: int, payload: bytes) -> bytes:
     return FRAME_HEADER.pack(flag, len(payload)) + payload
 
 
-def request_message(body: bytes, text: bool) -> bytes:
+def body_limit(max_message_bytes: int, text: bool) -> int:
+    """The largest body that can hold one frame of `max_message_bytes`: the frame, or its base64 (with
+    room for a client that sends it in several padded chunks)."""
+    framed = FRAME_HEADER.size + max_message_bytes
+    return 4 * -(-framed // 3) + 64 if text else framed
+
+
+def request_message(body: bytes, text: bool, max_message_bytes: int) -> bytes:
     """The one request message in a grpc-web body."""
     data = decode_text_body(body) if text else body
     if len(data) < FRAME_HEADER.size:
@@ -95,6 +110,8 @@ def request_message(body: bytes, text: bool) -> bytes:
         raise GrpcWebError(grpc.StatusCode.UNIMPLEMENTED, "compressed messages are not supported")
     if flag != MESSAGE_FLAG:
         raise GrpcWebError(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected frame flag 0x{flag:02x}")
+    if length > max_message_bytes:
+        raise TooLarge(max_message_bytes)
     if len(data) != FRAME_HEADER.size + length:
         raise GrpcWebError(grpc.StatusCode.INVALID_ARGUMENT, "the request frame's length does not match its body")
     return data[FRAME_HEADER.size :]
@@ -136,6 +153,13 @@ def trailer_frame(fields: dict[str, str]) -> bytes:
     return frame(TRAILER_FLAG, "".join(f"{key}:{value}\r\n" for key, value in fields.items()).encode())
 
 
+def too_large_response(error: TooLarge) -> web.Response:
+    # 413 for HTTP clients and proxies, with the grpc-web status for grpc-web clients; the connection is
+    # closed since the rest of the body is not read.
+    fields = status_fields(error.code, error.message)
+    return web.Response(status=413, headers={**fields, "Connection": "close"}, text=error.message + "\n")
+
+
 class GrpcWebReply:
     """One grpc-web response: frames written as they come, in the request's encoding."""
 
@@ -172,10 +196,13 @@ class GrpcWebReply:
 class GrpcWebProxy:
     """Serves grpc-web by relaying each call to the native server over `channel`."""
 
-    def __init__(self, channel: grpc.aio.Channel, methods: dict[str, Method], client_streaming: set[str]):
+    def __init__(
+        self, channel: grpc.aio.Channel, methods: dict[str, Method], client_streaming: set[str], max_message_bytes: int
+    ):
         self._channel = channel
         self._methods = methods
         self._client_streaming = client_streaming
+        self._max_message_bytes = max_message_bytes
         self.active_calls = 0  # proxied calls in flight (tests check that a dropped request cancels its call)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -185,12 +212,27 @@ class GrpcWebProxy:
         reply = GrpcWebReply(request, text)
         try:
             method = self._method(request.path)
-            message = request_message(await request.read(), text)
+            body = await self._read_body(request, body_limit(self._max_message_bytes, text))
+            message = request_message(body, text, self._max_message_bytes)
             timeout = parse_timeout(request.headers.get("grpc-timeout"))
+        except TooLarge as error:
+            return too_large_response(error)
         except GrpcWebError as error:
             return await reply.finish(error.code, error.message)
         metadata = [("authorization", request.headers["Authorization"])] if "Authorization" in request.headers else []
         return await self._relay(method, message, metadata, timeout, reply)
+
+    async def _read_body(self, request: web.Request, limit: int) -> bytes:
+        """The body, refused unread when its declared length is over `limit` (a client that declares 1 GB
+        and sends 3 bytes gets its answer at once) and as soon as more than `limit` bytes arrive."""
+        if request.content_length is not None and request.content_length > limit:
+            raise TooLarge(self._max_message_bytes)
+        body = bytearray()
+        async for chunk in request.content.iter_any():
+            body += chunk
+            if len(body) > limit:
+                raise TooLarge(self._max_message_bytes)
+        return bytes(body)
 
     def _method(self, path: str) -> Method:
         if path in self._client_streaming:

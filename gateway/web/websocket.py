@@ -14,8 +14,9 @@ with HTTP 401 before the upgrade; the server answers `duplex.v1`), or send as th
 known (a header token, or auth off) such a first frame is skipped, so a client may always send it. Tokens
 never go in the URL.
 
-Close codes: 1000 normal · 1001 the gateway is stopping · 1009 a frame over DUPLEX_HTTP_MAX_MESSAGE_BYTES ·
-1011 internal error · 4401 unauthenticated · 4408 idle (no frame either way for DUPLEX_WS_IDLE_TIMEOUT_SECONDS).
+Close codes: 1000 normal · 1001 the gateway is stopping · 1002 protocol violation (such as an unmasked frame) ·
+1009 a frame over DUPLEX_HTTP_MAX_MESSAGE_BYTES · 1011 internal error · 4401 unauthenticated · 4408 idle (no
+frame either way for DUPLEX_WS_IDLE_TIMEOUT_SECONDS).
 A closed socket is a disconnect, never a half-close: the running turn goes on; resume with `open` and
 `resume_after_seq`.
 """
@@ -34,6 +35,7 @@ from duplex.common.errors import InvalidArgument, Unauthenticated, Unavailable
 from gateway.auth import Authenticator, bearer_token
 from gateway.chat import ChatConnection, ChatServicer
 from gateway.settings import GatewaySettings
+from gateway.web.strict_websocket import StrictWebSocketResponse
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +175,7 @@ class ChatSocketHandler:
     async def handle(self, request: web.Request) -> web.WebSocketResponse:
         header_token = token_from_protocols(request.headers.getall("Sec-WebSocket-Protocol", []))
         user_id = self._user_before_upgrade(header_token)
-        ws = web.WebSocketResponse(
+        ws = StrictWebSocketResponse(
             protocols=(SUBPROTOCOL,), max_msg_size=self._settings.http_max_message_bytes,
             heartbeat=self._settings.ws_heartbeat_seconds or None,
         )

@@ -39,6 +39,34 @@ async def test_bad_requests_get_error_events_and_the_stream_goes_on(system):
     chat.cancel()
 
 
+# (a Chat request, a ListConversations request) that do not parse.
+MALFORMED_REQUESTS = {
+    "not protobuf": (b"\xff\xff\xff", b"\xff\xff\xff"),
+    "a truncated varint": (b"\x08\xff", b"\x08\xff"),
+    # ChatRequest.message holding a UserMessage whose text is not UTF-8; a page_token that is not UTF-8.
+    "bad utf-8 in a string": (b"\x12\x04\x12\x02\xc3\x28", b"\x12\x02\xc3\x28"),
+}
+
+
+@pytest.mark.parametrize(("chat_body", "list_body"), MALFORMED_REQUESTS.values(), ids=MALFORMED_REQUESTS.keys())
+async def test_a_malformed_request_message_is_invalid_argument(system, chat_body, list_body):
+    """A client whose messages do not parse is told INVALID_ARGUMENT (what, and no internals), on the Chat
+    stream and on a unary call."""
+    channel = system.channel(system.gateway)
+    raw_chat = channel.stream_stream("/duplex.chat.v1.ChatService/Chat")  # no serializers: bytes as given
+    call = raw_chat(iter([chat_pb2.ChatRequest(ping=chat_pb2.Ping(nonce="n")).SerializeToString(), chat_body]))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        async for _ in call:
+            pass
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("malformed request: ")
+    assert "class" not in raised.value.details()
+    raw_list = channel.unary_unary("/duplex.chat.v1.ConversationService/ListConversations")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await raw_list(list_body)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
 async def test_unknown_session_or_conversation_is_not_found(system):
     chat = ChatStream(system.chat)
     await chat.send(open=chat_pb2.OpenSession(session_id="no-such-session"))

@@ -174,8 +174,10 @@ MALFORMED = {
     "trailer flag from a client": (GRPC_WEB, b"\x80\x00\x00\x00\x00", "INVALID_ARGUMENT"),
     "bad base64": (GRPC_WEB_TEXT, b"!!!notbase64!!!", "INVALID_ARGUMENT"),
     "base64 of a bad length": (GRPC_WEB_TEXT, b"AAAAAAA", "INVALID_ARGUMENT"),
-    # Framing is fine, the message is not: the native server's own answer comes back.
-    "not protobuf": (GRPC_WEB, b"\x00\x00\x00\x00\x03\xff\xff\xff", "UNKNOWN"),
+    # Framing is fine, the message is not: the native server refuses it as it refuses a native caller.
+    "not protobuf": (GRPC_WEB, b"\x00\x00\x00\x00\x03\xff\xff\xff", "INVALID_ARGUMENT"),
+    "truncated varint": (GRPC_WEB, b"\x00\x00\x00\x00\x02\x08\xff", "INVALID_ARGUMENT"),
+    "invalid utf-8 in a string": (GRPC_WEB, grpc_web_body(b"\x12\x02\xc3\x28"), "INVALID_ARGUMENT"),
 }
 
 
@@ -185,6 +187,8 @@ async def test_malformed_requests_get_a_clean_error_and_the_server_still_serves(
         response, _, trailers = await call(http, system, LIST, body, content_type)
         assert response.status == 200, case
         assert status_of(response, trailers) == grpc.StatusCode[code].value[0], case
+        message = unquote(trailers.get("grpc-message", response.headers.get("grpc-message", "")))
+        assert message and "class" not in message and "Error" not in message, (case, message)
         response, messages, trailers = await call(http, system, LIST, conversation_pb2.ListConversationsRequest())
         assert status_of(response, trailers) == OK and len(messages) == 1, case
 
@@ -200,6 +204,41 @@ async def test_unknown_methods_other_content_types_and_huge_bodies_are_refused(m
     too_big = grpc_web_body(b"x" * 200_000)
     async with http.post(web_url(system, LIST), data=too_big, headers={"Content-Type": GRPC_WEB}) as refused:
         assert refused.status == 413
+
+
+@pytest.mark.parametrize("content_type", [GRPC_WEB, GRPC_WEB_TEXT])
+async def test_the_message_limit_is_exactly_the_documented_size_in_either_mode(make_system, http, content_type):
+    """DUPLEX_HTTP_MAX_MESSAGE_BYTES is the message's own size, whether the body is binary or base64."""
+    system = await make_system()
+    limit = 131_072
+
+    def request_of(size: int) -> bytes:  # a ListConversationsRequest whose page_token fills it to `size` bytes
+        return conversation_pb2.ListConversationsRequest(page_token="t" * (size - 4)).SerializeToString()
+
+    at_limit, over_limit = request_of(limit), request_of(limit + 1)
+    assert (len(at_limit), len(over_limit)) == (limit, limit + 1)
+    response, _, trailers = await call(http, system, LIST, grpc_web_body(at_limit, content_type), content_type)
+    assert response.status == 200  # within the limit, the call is made (and the odd page token refused)
+    assert status_of(response, trailers) != grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    response, _, _ = await call(http, system, LIST, grpc_web_body(over_limit, content_type), content_type)
+    assert response.status == 413
+    assert response.headers["grpc-status"] == str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0])
+
+
+async def test_a_declared_length_over_the_limit_is_refused_before_the_body_arrives(make_system):
+    """A request that declares 1 GB and sends 3 bytes is answered at once, not waited on."""
+    system = await make_system()
+    reader, writer = await asyncio.open_connection("127.0.0.1", system.gateway.web.port)
+    try:
+        writer.write(
+            f"POST {LIST} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {GRPC_WEB}\r\n"
+            f"Content-Length: {1 << 30}\r\n\r\n".encode() + b"abc"
+        )
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+    assert status_line.split()[1] == b"413", status_line
 
 
 async def test_a_dropped_request_cancels_the_proxied_call_but_not_the_turn(make_system, http):

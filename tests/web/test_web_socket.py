@@ -9,6 +9,7 @@ from pydantic import SecretStr
 from web_helpers import SECRET, kind, text_of, token, web_url
 
 from duplex.chat.v1 import chat_pb2, conversation_pb2, conversation_pb2_grpc
+from gateway.web.strict_websocket import MaskedFramesOnly
 
 
 def kinds(events: list[dict]) -> list[str]:
@@ -255,3 +256,64 @@ async def test_stopping_the_gateway_closes_sockets_with_1001(make_system, connec
         stopping = asyncio.create_task(system.gateway.stop(1.0))
         assert await chat.close_code() == aiohttp.WSCloseCode.GOING_AWAY
         await asyncio.wait_for(stopping, 10)
+
+
+async def raw_upgrade(system) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A WebSocket opened by hand, so the test can send frames no well-behaved client library would."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", system.gateway.web.port)
+    writer.write(
+        b"GET /v1/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return reader, writer
+
+
+async def test_an_unmasked_client_frame_closes_with_1002(make_system, connect):
+    """RFC 6455 5.1: a server MUST close the connection on a client frame that is not masked."""
+    system = await make_system()
+    reader, writer = await raw_upgrade(system)
+    try:
+        payload = b'{"ping":{"nonce":"n"}}'
+        writer.write(bytes([0x81, len(payload)]) + payload)  # FIN + text, no mask bit
+        await writer.drain()
+        header = await asyncio.wait_for(reader.readexactly(2), 5)
+        assert header[0] == 0x88, header  # a close frame
+        body = await reader.readexactly(header[1] & 0x7F)
+        assert int.from_bytes(body[:2], "big") == aiohttp.WSCloseCode.PROTOCOL_ERROR
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # and the connection is closed
+    finally:
+        writer.close()
+    await assert_still_serves(connect, system)
+
+
+def masked_frame(payload: bytes, opcode: int = 0x2, masked: bool = True) -> bytes:
+    size = len(payload)
+    length = bytes([size]) if size < 126 else (
+        bytes([126]) + size.to_bytes(2) if size < 1 << 16 else bytes([127]) + size.to_bytes(8))
+    length = bytes([length[0] | (0x80 if masked else 0)]) + length[1:]
+    key = b"\x01\x02\x03\x04" if masked else b""
+    return bytes([0x80 | opcode]) + length + key + payload  # the payload's masking is the parser's business
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 1000])
+def test_the_mask_guard_follows_frames_of_every_length_split_anywhere(chunk):
+    """Masked frames pass untouched however the bytes arrive; the first unmasked one is refused."""
+    fed, refused = bytearray(), []
+
+    class Parser:
+        def feed_data(self, data):
+            fed.extend(data)
+            return False, b""
+
+    guard = MaskedFramesOnly(Parser(), refused.append)
+    good = b"".join(masked_frame(b"x" * size) for size in (0, 5, 125, 126, 300, 65_535, 65_536, 70_000))
+    stream = good + masked_frame(b"bad", masked=False) + masked_frame(b"never")
+    for start in range(0, len(stream), chunk):
+        guard.feed_data(stream[start : start + chunk])
+    # What was passed on is the stream up to the chunk where the unmasked frame's second byte came.
+    assert bytes(fed) == stream[: len(fed)] and len(good) - chunk < len(fed) <= len(good) + 1
+    [error] = refused
+    assert error.code == aiohttp.WSCloseCode.PROTOCOL_ERROR
