@@ -256,8 +256,11 @@ class SessionHub:
             await self.send_end()
 
     async def send_end(self) -> bool:
-        """Send unsent_end; False (kept for a retry) when the session service did not take it."""
+        """Send unsent_end; False (kept for a retry) when the session service did not take it. True when
+        there is none (another path sent it while this one waited)."""
         end = self.unsent_end
+        if end is None:
+            return True
         try:
             await self._sessions.end_turn(self.session_id, end.turn_id, end.tokens, audio_ms=end.audio_ms)
         except NotFound:
@@ -474,7 +477,9 @@ class HubRegistry:
         await asyncio.gather(*(self._send_end(hub) for hub in ending))
 
     async def _send_end(self, hub: SessionHub) -> None:
-        if time.monotonic() < hub.unsent_end.retry_at or not await hub.send_end():
+        # Read again: a new turn's start (or its flush) may have sent the end since it was listed.
+        end = hub.unsent_end
+        if end is not None and (time.monotonic() < end.retry_at or not await hub.send_end()):
             self._dirty.add(hub)
         else:
             self._forget_if_unused(hub)

@@ -352,3 +352,14 @@ async def test_a_flush_cancelled_mid_call_keeps_its_events(rig):
     rig.registry.start()
     await eventually(lambda: hub.logged_seq == 3)
     assert [event.delta.text for event in await rig.logged(hub.session_id)] == ["0", "1", "2"]
+
+
+async def test_an_end_sent_by_another_path_meanwhile_is_not_sent_again(rig):
+    """The flusher lists a hub whose turn's end is unsent, then a new turn's start sends it first: the
+    flusher's turn comes with nothing left to send, which is no error (it once raised on the missing end)."""
+    hub = await rig.new_hub()
+    hub.unsent_end = hub_module.TurnEnd("t1", 3, 0)
+    assert await hub.send_end() and hub.unsent_end is None
+    assert await hub.send_end()  # nothing to send
+    await rig.registry._send_end(hub)  # as the flusher does for a hub it listed before the end went
+    assert hub.unsent_end is None
