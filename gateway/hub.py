@@ -128,7 +128,9 @@ class SessionHub:
         self._context: ConversationContext | None = None  # the conversation as the last turn here left it
         self.references = 0
         self._sessions = sessions
-        self._recent: deque[chat_pb2.ChatEvent] = deque(maxlen=capacity)
+        # The latest events, serialized (a tenth of the memory of message objects), seqs contiguous up to
+        # last_seq: followers and resumes read them from here, older ones from the log.
+        self._recent: deque[bytes] = deque(maxlen=capacity)
         self._unflushed: list[session_pb2.LogEvent] = []
         # Held by whoever sends this hub's events (flush() or the registry's batch flush), from taking them
         # until the log answered, so the log gets each event once and in order (it refuses gaps).
@@ -175,13 +177,11 @@ class SessionHub:
         event.session_id = self.session_id
         if not event.HasField("time"):
             event.time.GetCurrentTime()
-        self._recent.append(event)
+        payload = event.SerializeToString()
+        self._recent.append(payload)
         if self.lost is None:  # a lost session's log is gone: nothing can be logged
             self._unflushed.append(
-                session_pb2.LogEvent(
-                    seq=event.seq, turn_id=event.turn_id, payload=event.SerializeToString(),
-                    terminal=is_terminal(event),
-                )
+                session_pb2.LogEvent(seq=event.seq, turn_id=event.turn_id, payload=payload, terminal=is_terminal(event))
             )
             self.on_dirty(self)
         self.wake()
@@ -301,9 +301,11 @@ class SessionHub:
         """Events after `cursor` from memory; None when some of them are no longer in memory."""
         if cursor >= self.last_seq:
             return []
-        if not self._recent or cursor + 1 < self._recent[0].seq:
+        first_seq = self.last_seq - len(self._recent) + 1
+        if not self._recent or cursor + 1 < first_seq:
             return None
-        return list(itertools.islice(self._recent, cursor + 1 - self._recent[0].seq, None))
+        return [chat_pb2.ChatEvent.FromString(payload)
+                for payload in itertools.islice(self._recent, cursor + 1 - first_seq, None)]
 
     async def follow(
         self, after_seq: int, stop_when_idle: Callable[[], bool] = lambda: True
