@@ -115,10 +115,42 @@ class TurnEnd:
     retry_at: float = 0.0
 
 
+class RecentEvents:
+    """A session's latest events, serialized (a tenth of the memory of message objects) and contiguous up to
+    its last seq, within a count and a byte budget: followers and resumes read them from here, older ones
+    from the log."""
+
+    def __init__(self, max_events: int, max_bytes: int):
+        self._payloads: deque[bytes] = deque()
+        self._max_events = max(1, max_events)
+        self._max_bytes = max_bytes
+        self._bytes = 0
+
+    def append(self, payload: bytes) -> None:
+        self._payloads.append(payload)
+        self._bytes += len(payload)
+        while len(self._payloads) > 1 and (len(self._payloads) > self._max_events or self._bytes > self._max_bytes):
+            self._bytes -= len(self._payloads.popleft())
+
+    def after(self, cursor: int, last_seq: int) -> list[chat_pb2.ChatEvent] | None:
+        """The events after `cursor`, the newest being `last_seq`; None when some are no longer here."""
+        if cursor >= last_seq:
+            return []
+        first_seq = last_seq - len(self._payloads) + 1
+        if not self._payloads or cursor + 1 < first_seq:
+            return None
+        kept = itertools.islice(self._payloads, cursor + 1 - first_seq, None)
+        return [chat_pb2.ChatEvent.FromString(payload) for payload in kept]
+
+    def clear(self) -> None:
+        self._payloads.clear()
+        self._bytes = 0
+
+
 class SessionHub:
     def __init__(
         self, session_id: str, user_id: str, last_seq: int, sessions: SessionClient, capacity: int,
-        outage_seconds: float = 3.0,
+        capacity_bytes: int, outage_seconds: float = 3.0,
     ):
         self.session_id = session_id
         self.user_id = user_id
@@ -128,9 +160,7 @@ class SessionHub:
         self._context: ConversationContext | None = None  # the conversation as the last turn here left it
         self.references = 0
         self._sessions = sessions
-        # The latest events, serialized (a tenth of the memory of message objects), seqs contiguous up to
-        # last_seq: followers and resumes read them from here, older ones from the log.
-        self._recent: deque[bytes] = deque(maxlen=capacity)
+        self._recent = RecentEvents(capacity, capacity_bytes)
         self._unflushed: list[session_pb2.LogEvent] = []
         # Held by whoever sends this hub's events (flush() or the registry's batch flush), from taking them
         # until the log answered, so the log gets each event once and in order (it refuses gaps).
@@ -299,13 +329,7 @@ class SessionHub:
 
     def _buffered_after(self, cursor: int) -> list[chat_pb2.ChatEvent] | None:
         """Events after `cursor` from memory; None when some of them are no longer in memory."""
-        if cursor >= self.last_seq:
-            return []
-        first_seq = self.last_seq - len(self._recent) + 1
-        if not self._recent or cursor + 1 < first_seq:
-            return None
-        return [chat_pb2.ChatEvent.FromString(payload)
-                for payload in itertools.islice(self._recent, cursor + 1 - first_seq, None)]
+        return self._recent.after(cursor, self.last_seq)
 
     async def follow(
         self, after_seq: int, stop_when_idle: Callable[[], bool] = lambda: True
@@ -352,10 +376,11 @@ class HubRegistry:
 
     def __init__(
         self, sessions: SessionClient, capacity: int, flush_interval: float, owner: str, lease_renew_interval: float,
-        outage_seconds: float = 3.0,
+        capacity_bytes: int, outage_seconds: float = 3.0,
     ):
         self._sessions = sessions
         self._capacity = capacity
+        self._capacity_bytes = capacity_bytes
         self._outage_seconds = outage_seconds
         self._appending = Outage("logging events to the session service")
         self._renewing = Outage("renewing turn leases")
@@ -382,7 +407,10 @@ class HubRegistry:
     def acquire(self, session_id: str, user_id: str, last_seq: int) -> SessionHub:
         hub = self._hubs.get(session_id)
         if hub is None:
-            hub = SessionHub(session_id, user_id, last_seq, self._sessions, self._capacity, self._outage_seconds)
+            hub = SessionHub(
+                session_id, user_id, last_seq, self._sessions, self._capacity, self._capacity_bytes,
+                self._outage_seconds,
+            )
             hub.on_dirty = self._mark_dirty
             self._hubs[session_id] = hub
         hub.references += 1

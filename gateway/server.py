@@ -53,7 +53,7 @@ async def create_server(settings: GatewaySettings) -> GrpcServer:
     owner = replica_id()
     hubs = HubRegistry(
         services.sessions, settings.hub_buffer_events, settings.event_flush_interval_seconds, owner,
-        settings.turn_lease_renew_seconds, settings.session_log_outage_seconds,
+        settings.turn_lease_renew_seconds, settings.hub_buffer_bytes, settings.session_log_outage_seconds,
     )
     turns = TurnManager(services, hubs, settings, owner)
     cancel_watch = CancelWatch(services.sessions, hubs, owner)

@@ -36,7 +36,10 @@ class GatewaySettings(ServiceSettings):
     # Events reach the session log in batches at most this often.
     event_flush_interval_seconds: float = 0.02
     # Recent events kept in memory per active session, so same-replica resumes skip the session service.
-    hub_buffer_events: int = 1024
+    hub_buffer_events: int = Field(1024, ge=1)
+    # ...and at most this many bytes of them: a spoken answer's audio events are large (about 48 KB per
+    # second of speech), and older events are in the session log anyway.
+    hub_buffer_bytes: int = Field(1 << 20, ge=0)
     # An answer's write as its turn ends waits this long for history; past it (or with history down) the
     # turn ends saying the answer is saved later, and it is written again until history takes it.
     answer_store_timeout_seconds: float = Field(3.0, gt=0)

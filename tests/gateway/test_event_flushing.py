@@ -94,7 +94,8 @@ async def rig() -> AsyncIterator[Rig]:
     plain = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
     sessions = SessionClient(channel, timeout=5.0)
     registry = HubRegistry(
-        sessions, capacity=1024, flush_interval=FLUSH_INTERVAL, owner="gw", lease_renew_interval=60,
+        sessions, capacity=1024, capacity_bytes=1 << 20, flush_interval=FLUSH_INTERVAL, owner="gw",
+        lease_renew_interval=60,
         outage_seconds=OUTAGE_SECONDS,
     )
     rig = Rig(registry, sessions, calls, session_pb2_grpc.SessionServiceStub(plain))
@@ -363,3 +364,25 @@ async def test_an_end_sent_by_another_path_meanwhile_is_not_sent_again(rig):
     assert await hub.send_end()  # nothing to send
     await rig.registry._send_end(hub)  # as the flusher does for a hub it listed before the end went
     assert hub.unsent_end is None
+
+
+def test_the_replay_buffer_keeps_the_latest_events_within_its_count_and_byte_budget():
+    """A session's memory is bounded by events and by bytes (a spoken answer's audio is large); what fell
+    out is None (read it from the log), what is kept comes back exactly."""
+    recent = hub_module.RecentEvents(max_events=100, max_bytes=10_000)
+    for seq in range(1, 301):
+        recent.append(chat_pb2.ChatEvent(seq=seq, delta=chat_pb2.TextDelta(text=str(seq))).SerializeToString())
+    assert [event.seq for event in recent.after(250, 300)] == list(range(251, 301))
+    assert len(recent.after(200, 300)) == 100 and recent.after(199, 300) is None
+    assert recent.after(300, 300) == []
+    audio = chat_pb2.ChatEvent(audio=chat_pb2.AudioOutput(data=b"\0" * 4_000))
+    for seq in range(301, 311):
+        audio.seq = seq
+        recent.append(audio.SerializeToString())
+    kept = recent.after(300, 310)
+    assert kept is None  # 10 x 4 KB is over 10 KB: the oldest audio went too
+    assert [event.seq for event in recent.after(308, 310)] == [309, 310]
+    assert recent.after(307, 310) is None  # two 4 KB events fit in 10 KB, three do not
+    big = chat_pb2.ChatEvent(seq=311, audio=chat_pb2.AudioOutput(data=b"\0" * 20_000)).SerializeToString()
+    recent.append(big)
+    assert [event.seq for event in recent.after(310, 311)] == [311]  # one event is always kept
