@@ -18,6 +18,7 @@ changed only through take_turn / release_turn / keep_context; its seq cursor and
 """
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -30,6 +31,7 @@ from duplex.common.errors import (
     AlreadyExists,
     DeadlineExceeded,
     DuplexError,
+    FailedPrecondition,
     Internal,
     InvalidArgument,
     Unavailable,
@@ -50,6 +52,9 @@ from gateway.voice import Speaker, Utterance
 log = logging.getLogger(__name__)
 
 MAX_CLIENT_MESSAGE_ID_CHARS = 128
+# A message refused because another replica runs a turn is looked for in history this long, in case that
+# turn answers this very message (sent through two replicas at once) and is about to store it.
+SAME_MESSAGE_ELSEWHERE_WAIT_SECONDS = 0.5
 _FINISH_REASONS = {
     llm_pb2.FINISH_REASON_STOP: chat_pb2.FINISH_REASON_STOP,
     llm_pb2.FINISH_REASON_LENGTH: chat_pb2.FINISH_REASON_LENGTH,
@@ -108,6 +113,7 @@ class Turn:
         self._first_turn = False
         self.user_message_id = ""
         self.user_message_stored = history_pb2.AppendMessageResponse()
+        self._message_settled = asyncio.Event()  # the user message is stored, or never will be by this turn
         self.hub = hub
         self.session = session
         self._services = services
@@ -203,10 +209,25 @@ class Turn:
             self._early[1].cancel()
             self._early = None
 
+    def message_stored(self, stored: history_pb2.AppendMessageResponse) -> None:
+        self.user_message_id = stored.message.message_id
+        self.user_message_stored = stored
+        self._message_settled.set()
+
+    def message_not_stored(self) -> None:
+        self._message_settled.set()
+
+    async def stored_message_id(self, timeout: float) -> str:
+        """The id history gave this turn's user message, once it is stored; "" if it never was."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._message_settled.wait(), timeout)
+        return self.user_message_id
+
     async def run(self) -> None:
         try:
             await self._answer()
         finally:
+            self.message_not_stored()  # settled either way once the turn ends
             self.drop_early()
             if self._speaker is not None:
                 await self._speaker.close()
@@ -281,8 +302,7 @@ class Turn:
         self._publish(accepted)
         if stored.duplicate:
             raise AlreadyExists(f"utterance {self.client_message_id!r} was already answered")
-        self.user_message_id = stored.message.message_id
-        self.user_message_stored = stored
+        self.message_stored(stored)
 
     def _prompt(self, context: ConversationContext) -> list[llm_pb2.Message]:
         system_prompt = personas.system_prompt(
@@ -586,12 +606,21 @@ class TurnManager:
         self._validate(message)
         running = await self._running(hub)
         if running is not None and message.client_message_id == running.client_message_id != "":
-            # A resend of the message being answered (say, after a reconnect): acknowledge, don't answer twice.
-            return None, _accepted(session, message, running.user_message_id, duplicate=True)
+            # A resend of the message being answered (say, after a reconnect, or sent on two streams at
+            # once): acknowledged with the stored message's id once it is stored, not answered twice.
+            message_id = await running.stored_message_id(self._settings.rpc_timeout_seconds)
+            if message_id:
+                return None, _accepted(session, message, message_id, duplicate=True)
         turn = self._reserve(hub, session, message)
         started = False
         try:
-            begun = await self._begin(session, turn)
+            try:
+                begun = await self._begin(session, turn)
+            except FailedPrecondition:
+                stored_elsewhere = await self._stored_by_another_replica(session, message)
+                if stored_elsewhere is None:
+                    raise
+                return None, _accepted(session, message, stored_elsewhere, duplicate=True)
             turn.ask_early()
             try:
                 stored = await self._services.history.append_message(_user_message(session, message))
@@ -601,11 +630,11 @@ class TurnManager:
             if stored.duplicate:  # stored once and answered once already
                 await self._end_quietly(session, turn)
                 return None, _accepted(session, message, stored.message.message_id, duplicate=True)
-            turn.user_message_id = stored.message.message_id
-            turn.user_message_stored = stored
+            turn.message_stored(stored)
             started = True
         finally:
             if not started:
+                turn.message_not_stored()
                 turn.drop_early()
                 hub.release_turn(turn)
         await self._take_over(hub, session, begun)
@@ -660,6 +689,24 @@ class TurnManager:
         return await self._services.sessions.begin_turn(
             session.user_id, session.session_id, turn.id, self.owner, uses_audio=turn.uses_audio
         )
+
+    async def _stored_by_another_replica(self, session: SessionContext, message: chat_pb2.UserMessage) -> str | None:
+        """The stored id of `message` when the turn another replica runs is answering this very message (the
+        same client_message_id sent through two replicas at once); None when it is another message. That
+        replica stores the message just after taking the turn, so it is looked for a little while."""
+        if not message.client_message_id:
+            return None
+        deadline = time.monotonic() + SAME_MESSAGE_ELSEWHERE_WAIT_SECONDS
+        while True:
+            newest = await self._services.history.list_messages(
+                session.user_id, session.conversation_id, page_size=4, newest_first=True
+            )
+            for stored in newest.messages:
+                if stored.client_message_id == message.client_message_id:
+                    return stored.message_id
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
 
     async def _take_over(self, hub: SessionHub, session: SessionContext, begun: session_pb2.BeginTurnResponse) -> None:
         hub.restart_at(begun.last_seq)
