@@ -1,18 +1,14 @@
-"""Shared by the fault battery's load tests: systems on Redis and PostgreSQL with a second gateway, the
-services as OS processes whose memory can be read, and checks on what many clients saw."""
+"""Shared by the fault battery's load tests: systems on Redis and PostgreSQL with a second gateway, and
+checks on what many clients saw."""
 
 import asyncio
-import os
-import signal
 import socket
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
-from duplex import launcher
-from duplex.chat.v1 import chat_pb2, chat_pb2_grpc, conversation_pb2, conversation_pb2_grpc
+from duplex.chat.v1 import chat_pb2, conversation_pb2, conversation_pb2_grpc
 from duplex.common.server import GrpcServer, wait_until_serving
 from gateway.server import create_server as create_gateway
 from gateway.settings import GatewaySettings
@@ -129,78 +125,3 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-def rss_kib(pid: int) -> int:
-    """The process's resident set (VmRSS) in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for process {pid}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time the process used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Processes:
-    """The four services as `python -m <module>` processes on free loopback ports, as `duplex up` runs
-    them (memory session store, SQLite history in `data_dir`); `env` adds settings for every service."""
-
-    data_dir: Path
-    env: dict[str, str] = field(default_factory=dict)
-    ports: dict[str, int] = field(default_factory=dict)
-    processes: dict[str, asyncio.subprocess.Process] = field(default_factory=dict)
-
-    @property
-    def gateway(self) -> str:
-        return f"127.0.0.1:{self.ports['gateway']}"
-
-    def pid(self, module: str) -> int:
-        return self.processes[module].pid
-
-    async def __aenter__(self) -> "Processes":
-        self.ports = {spec.module: free_port() for spec in launcher.SERVICES}
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("DUPLEX_", "OPENAI_"))}
-        base.update(
-            DUPLEX_LLM_TARGET=f"127.0.0.1:{self.ports['llm_service']}",
-            DUPLEX_SESSION_TARGET=f"127.0.0.1:{self.ports['session_service']}",
-            DUPLEX_HISTORY_TARGET=f"127.0.0.1:{self.ports['history_service']}",
-            DUPLEX_DATA_DIR=str(self.data_dir), DUPLEX_HTTP_LISTEN="", DUPLEX_LOG_LEVEL="WARNING",
-            PYTHONUNBUFFERED="1", **UNLIMITED_ENV, **self.env,
-        )
-        try:
-            for spec in launcher.SERVICES:  # llm, session, history, then the gateway
-                env = {**base, spec.listen_env: f"127.0.0.1:{self.ports[spec.module]}"}
-                process = await asyncio.create_subprocess_exec(sys.executable, "-m", spec.module, env=env)
-                self.processes[spec.module] = process
-                await launcher.wait_serving(spec, process, env, 60)
-        except BaseException:
-            await self.__aexit__()
-            raise
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        for process in reversed(list(self.processes.values())):
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    await asyncio.wait_for(process.wait(), 20)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
-
-    def assert_running(self) -> None:
-        for module, process in self.processes.items():
-            assert process.returncode is None, f"{module} exited with {launcher.describe_exit(process.returncode)}"
-
-    def rss_kib(self) -> dict[str, int]:
-        return {module: rss_kib(process.pid) for module, process in self.processes.items()}
-
-    def chat(self) -> tuple[grpc.aio.Channel, chat_pb2_grpc.ChatServiceStub]:
-        channel = grpc.aio.insecure_channel(self.gateway)
-        return channel, chat_pb2_grpc.ChatServiceStub(channel)
-
