@@ -337,6 +337,9 @@ class SessionHub:
         """Every event after `after_seq` exactly once, then live ones. Ends once caught up with no turn
         running here and `stop_when_idle()` is true."""
         cursor = after_seq
+        # Held back by a failing log, a follower ends once it has waited the outage time itself: one that
+        # resumes just as the session service is back must not end on the flusher's failure of a moment ago.
+        give_up_at = time.monotonic() + self._outage_seconds
         while True:
             if self.lost is not None:
                 raise self.lost
@@ -357,7 +360,7 @@ class SessionHub:
             if cursor >= self.last_seq and self.turn is None and stop_when_idle():
                 return
             held_back = len(deliverable) < len(events)
-            if held_back and self.logging.lasted(self._outage_seconds):
+            if held_back and self.logging.lasted(self._outage_seconds) and time.monotonic() >= give_up_at:
                 raise LogUnreachable(f"the session service is not answering; resume after seq {cursor} once it is back")
             if not events or held_back:
                 await changed.wait()

@@ -325,6 +325,30 @@ async def test_a_follower_held_back_by_a_log_that_keeps_failing_ends_with_a_retr
     assert rest == list(range(UNLOGGED_LIMIT + 1, UNLOGGED_LIMIT + 9))
 
 
+async def test_a_follower_that_resumes_as_the_log_comes_back_is_given_the_outage_time_of_its_own(rig):
+    """A client resuming right after the session service is back must not be told it is down because the
+    flusher's last failure was a moment ago: a follower ends only once it has itself been held back that long."""
+    hub = await rig.new_hub()
+    rig.calls.failures = 10**6
+    rig.registry.start()
+    for n in range(UNLOGGED_LIMIT + 8):
+        hub.publish(delta(str(n)))
+    await eventually(lambda: hub.logging.lasted(OUTAGE_SECONDS))
+
+    seen: list[int] = []
+
+    async def follow() -> None:
+        async for event in hub.follow(0):
+            seen.append(event.seq)
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(OUTAGE_SECONDS / 2)
+    assert not follower.done() and seen == list(range(1, UNLOGGED_LIMIT + 1))
+    rig.calls.failures = 0  # the service is back
+    await asyncio.wait_for(follower, 3)
+    assert seen == list(range(1, UNLOGGED_LIMIT + 9))
+
+
 async def test_events_whose_append_landed_but_whose_answer_was_lost_are_logged_once(rig, caplog):
     hubs = [await rig.new_hub() for _ in range(3)]
     rig.calls.lost_answers = 2
