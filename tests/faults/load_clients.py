@@ -2,7 +2,6 @@
 checks on what many clients saw."""
 
 import asyncio
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,9 +118,3 @@ async def stored_messages(target: str, conversation_id: str, metadata=None) -> l
             conversation_pb2.GetConversationRequest(conversation_id=conversation_id), metadata=metadata, timeout=30
         )
     return list(reply.messages)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]

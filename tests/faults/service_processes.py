@@ -14,7 +14,8 @@ import grpc
 
 from duplex import launcher
 from duplex.chat.v1 import chat_pb2_grpc
-from tests.faults.load_clients import UNLIMITED_ENV, free_port
+from tests.faults.load_clients import UNLIMITED_ENV
+from tests.redis_fixtures import free_port
 
 SPECS = {spec.module: spec for spec in launcher.SERVICES}
 INNER = ("llm_service", "session_service", "history_service")

@@ -14,6 +14,7 @@ test_history_outage.py and test_errors.py; this is the process-level, SIGKILL, m
 """
 
 import asyncio
+import itertools
 import statistics
 import time
 
@@ -24,6 +25,7 @@ from duplex.chat.v1 import chat_pb2, chat_pb2_grpc, conversation_pb2, conversati
 from history_service.migrate import migrate
 from history_service.settings import HistorySettings
 from tests.faults.service_processes import ServiceProcesses
+from tests.gateway.chat_helpers import ChatStream, is_turn_end, text_of
 from tests.postgres_fixtures import postgres_databases, postgres_url, run_async  # noqa: F401 - fixtures
 from tests.redis_fixtures import redis_key_prefix, redis_url  # noqa: F401 - fixtures
 
@@ -37,28 +39,22 @@ PROMPT_SECONDS = 5.0  # an open while a service is down is refused within this
 STORE_TIMEOUT_SECONDS = 3.0  # the gateway's DUPLEX_ANSWER_STORE_TIMEOUT_SECONDS default
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
-TERMINAL = ("turn_completed", "turn_cancelled", "error")
 
 
 def kind(event: chat_pb2.ChatEvent) -> str:
     return event.WhichOneof("kind")
 
 
-class Stream:
-    """One client's Chat stream: what it sends, each event it receives and when."""
+class Stream(ChatStream):
+    """One client's Chat stream that also keeps each event it receives, and how the stream ended: an
+    error event is an answer here, not a failed assertion."""
 
     def __init__(self, channel: grpc.aio.Channel):
-        self._requests: asyncio.Queue[chat_pb2.ChatRequest | None] = asyncio.Queue()
-        self.call = chat_pb2_grpc.ChatServiceStub(channel).Chat(self._request_iterator())
+        super().__init__(chat_pb2_grpc.ChatServiceStub(channel))
         self.events: list[chat_pb2.ChatEvent] = []
-        self.received_at: list[float] = []  # when each event arrived (monotonic)
         self.end: chat_pb2.ChatEvent | None = None  # the turn's end, or the error the stream ended with
         self.ended_at = 0.0
         self.status: grpc.StatusCode | None = None  # set when the server ended the stream
-
-    async def _request_iterator(self):
-        while (request := await self._requests.get()) is not None:
-            yield request
 
     async def _next(self) -> chat_pb2.ChatEvent | None:
         """The next event; None once the stream ended (its status in self.status)."""
@@ -76,7 +72,7 @@ class Stream:
 
     async def open(self, timeout: float = 10.0, **fields) -> chat_pb2.ChatEvent:
         """Open (or re-attach to) a session; the first event: session_opened, or the error refusing it."""
-        await self._requests.put(chat_pb2.ChatRequest(open=chat_pb2.OpenSession(**fields)))
+        await self.send(open=chat_pb2.OpenSession(**fields))
         async with asyncio.timeout(timeout):
             event = await self._next()
         assert event is not None, f"the stream ended ({self.status}) before answering the open"
@@ -85,10 +81,6 @@ class Stream:
     @property
     def opened(self) -> chat_pb2.SessionOpened:
         return self.events[0].session_opened
-
-    async def say(self, text: str, client_message_id: str = "m1") -> None:
-        await self._requests.put(chat_pb2.ChatRequest(message=chat_pb2.UserMessage(
-            client_message_id=client_message_id, text=text)))
 
     async def until_deltas(self, count: int, timeout: float = 20.0) -> None:
         async with asyncio.timeout(timeout):
@@ -101,7 +93,7 @@ class Stream:
         try:
             async with asyncio.timeout(timeout):
                 while (event := await self._next()) is not None:
-                    if kind(event) in TERMINAL and event.turn_id:
+                    if is_turn_end(event):
                         self.end, self.ended_at = event, time.monotonic()
                         return event
                     if kind(event) == "error":  # about the stream, not the turn: the stream ends next
@@ -116,14 +108,12 @@ class Stream:
         return [event for event in self.events if kind(event) == "delta"]
 
     def text(self) -> str:
-        return "".join(event.delta.text for event in self.deltas)
+        return text_of(self.events)
 
     @property
     def last_seq(self) -> int:
         return max(event.seq for event in self.events)
 
-    def close(self) -> None:
-        self.call.cancel()
 
 
 async def start_answers(channel: grpc.aio.Channel) -> list[Stream]:
@@ -186,7 +176,7 @@ async def refused_open(channel: grpc.aio.Channel) -> float:
     asked_at = time.monotonic()
     event = await stream.open(timeout=PROMPT_SECONDS)
     seconds = time.monotonic() - asked_at
-    stream.close()
+    stream.cancel()
     assert kind(event) == "error" and event.error.retryable and event.error.code == UNAVAILABLE, event
     return seconds
 
@@ -195,7 +185,7 @@ async def fresh_turn(channel: grpc.aio.Channel, timeout: float = 20.0) -> int:
     """A new session and message on a new stream, opened again a little later after each retryable error
     (as clients are told) until it is answered; returns how many tries that took."""
     deadline = time.monotonic() + timeout
-    for attempt in range(1, 1000):
+    for attempt in itertools.count(1):
         stream = Stream(channel)
         try:
             end = await stream.open()
@@ -206,11 +196,10 @@ async def fresh_turn(channel: grpc.aio.Channel, timeout: float = 20.0) -> int:
                     assert stream.text()
                     return attempt
         finally:
-            stream.close()
+            stream.cancel()
         assert kind(end) == "error" and end.error.retryable, f"not retryable: {end}"
         assert time.monotonic() < deadline, f"still refused after {timeout} s: {end}"
         await asyncio.sleep(0.25)
-    raise AssertionError("unreachable")
 
 
 @pytest.fixture
@@ -259,7 +248,7 @@ async def test_killed_llm_service_ends_every_answer_with_a_retryable_error_and_s
     for stream in streams:
         assert kind(stream.end) == "error" and stream.end.turn_id, stream.end
         assert stream.end.error.retryable and stream.end.error.code == UNAVAILABLE, stream.end
-        stream.close()
+        stream.cancel()
     assert max(seconds) < END_WITHIN_SECONDS, figures(seconds)
 
     # The partial answer is stored as cut short, with exactly the text its client got.
@@ -292,7 +281,7 @@ async def test_killed_session_service_ends_every_stream_retryably_and_a_restart_
             assert stream.status == grpc.StatusCode.UNAVAILABLE
         else:  # answered before the log held it back
             assert kind(stream.end) == "turn_completed", stream.end
-            stream.close()
+            stream.cancel()
     assert max(seconds) < END_WITHIN_SECONDS, figures(seconds)
     assert refused_in < PROMPT_SECONDS
 
@@ -335,7 +324,7 @@ async def reattach(channel: grpc.aio.Channel, stream: Stream, on_redis: bool) ->
         event = await again.open(session_id=session_id, resume_after_seq=stream.last_seq)
         if kind(event) != "error" or not event.error.retryable:
             break
-        again.close()
+        again.cancel()
         assert time.monotonic() - started_at < 15, f"{session_id} still refused: {event}"
         await asyncio.sleep(0.25)
     reattached_in = time.monotonic() - started_at
@@ -346,7 +335,7 @@ async def reattach(channel: grpc.aio.Channel, stream: Stream, on_redis: bool) ->
         assert kind(end) == "turn_completed", end
     else:
         assert event.error.code == NOT_FOUND, event
-    again.close()
+    again.cancel()
     return reattached_in
 
 
@@ -363,7 +352,7 @@ async def test_killed_history_service_ends_every_answer_and_saves_each_once_it_i
         assert stream.end.turn_completed.saved_later and not stream.end.turn_completed.assistant_message_id
         last_delta = max(i for i, event in enumerate(stream.events) if kind(event) == "delta")
         told_after.append(stream.ended_at - stream.received_at[last_delta])
-        stream.close()
+        stream.cancel()
     assert max(told_after) < STORE_TIMEOUT_SECONDS, figures(told_after)  # told at once, not after a wait
     assert max(seconds) < END_WITHIN_SECONDS + 1, figures(seconds)  # the answers' own remaining time
     assert refused_in < PROMPT_SECONDS

@@ -15,8 +15,9 @@ import grpc
 import pytest
 
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc
+from duplex.session.v1 import session_pb2, session_pb2_grpc
 from tests.faults.service_processes import ServiceProcesses, cpu_seconds
-from tests.gateway.chat_helpers import ChatStream, is_turn_end
+from tests.gateway.chat_helpers import ChatStream
 
 pytestmark = pytest.mark.timeout(300)  # the 10,000 cycles take ~130 s here
 
@@ -77,9 +78,7 @@ async def cycle(stub: chat_pb2_grpc.ChatServiceStub, session_id: str, n: int) ->
         await chat.say(f"cycle {n}")
         await chat.until("delta", timeout=READ_TIMEOUT_SECONDS)
         await chat.send(cancel=chat_pb2.Cancel())
-        events = [await chat.next_event(READ_TIMEOUT_SECONDS)]
-        while not is_turn_end(events[-1]):
-            events.append(await chat.next_event(READ_TIMEOUT_SECONDS))
+        events = await chat.until_turn_ends(timeout=READ_TIMEOUT_SECONDS)
         if n % 2:
             await chat.half_close()
             assert await asyncio.wait_for(chat.call.read(), READ_TIMEOUT_SECONDS) is grpc.aio.EOF
@@ -198,8 +197,6 @@ def ninetieth(values: list[float]) -> float:
 
 
 async def test_unread_streams_do_not_slow_other_clients_or_grow_the_gateway_without_bound(slow_services):
-    from duplex.session.v1 import session_pb2, session_pb2_grpc
-
     services = slow_services
     channels = [services.chat() for _ in range(NORMAL_CLIENTS)]
     stop = asyncio.Event()
