@@ -119,7 +119,7 @@ def status_details(error: DuplexError) -> status_pb2.Status | None:
     details = []
     if error.retry_after:
         retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromNanoseconds(int(error.retry_after * 1e9))
+        retry.retry_delay.FromMilliseconds(retry_after_ms(error))  # exactly the trailer's figure
         details.append(retry)
     if error.quota_violations:
         details.append(error_details_pb2.QuotaFailure(violations=[
@@ -137,13 +137,17 @@ def status_details(error: DuplexError) -> status_pb2.Status | None:
     return status
 
 
+def retry_after_ms(error: DuplexError) -> int:
+    return int(error.retry_after * 1000)
+
+
 def status_trailers(error: BaseException) -> tuple[tuple[str, str | bytes], ...]:
     """The trailing metadata that goes with `to_status(error)`: the retry-after hint and the rich status."""
     if not isinstance(error, DuplexError):
         return ()
     trailers: list[tuple[str, str | bytes]] = []
     if error.retry_after:
-        trailers.append((RETRY_AFTER_KEY, str(int(error.retry_after * 1000))))
+        trailers.append((RETRY_AFTER_KEY, str(retry_after_ms(error))))
     status = status_details(error)
     if status is not None:
         trailers.append((STATUS_DETAILS_KEY, status.SerializeToString()))
