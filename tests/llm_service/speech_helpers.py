@@ -21,6 +21,12 @@ def words(text: str) -> list[str]:
     return re.findall(r"[a-z']+", text.lower())
 
 
+def words_apart(heard: str, said: str) -> int:
+    """How many words of `heard` differ from `said`, position by position (a missing or extra word counts)."""
+    a, b = words(heard), words(said)
+    return sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
+
+
 def pcm_seconds(pcm: bytes, rate: int) -> float:
     return len(pcm) / 2 / rate
 
