@@ -23,6 +23,7 @@ from typing import Any, Literal
 import anyio
 import httpx2
 import openai
+import orjson
 from pydantic import SecretStr
 
 from duplex.common.errors import DuplexError, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
@@ -150,60 +151,30 @@ class OpenAIProvider:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
         model = self._models[request.model]
-        try:
-            stream = await self._client(model).chat.completions.create(
-                **chat_completion_arguments(model, request),
-                stream=True,
-                stream_options={"include_usage": True},
-                timeout=self._timeout(request.timeout),
-            )
-        except openai.OpenAIError as error:
-            raise self._domain_error(error, model.name) from None
+        # The SDK makes the request (auth, base URL, headers, timeouts, status errors) but its per-chunk
+        # objects are skipped: the raw body's server-sent events are parsed into just the fields used.
+        reply = self._client(model).chat.completions.with_streaming_response.create(
+            **chat_completion_arguments(model, request),
+            stream=True,
+            stream_options={"include_usage": True},
+            timeout=self._timeout(request.timeout),
+        )
         # Closed however the reply ends (finished, failed, cancelled, closed by the caller), so the
         # upstream HTTP stream never outlives the call: the upstream sees the disconnect and stops.
         try:
-            async with aclosing(self._read_reply(request, stream)) as items:
+            async with reply as response, aclosing(read_reply(request, response.http_response)) as items:
                 async for item in items:
                     yield item
         except openai.OpenAIError as error:
             raise self._domain_error(error, model.name) from None
-        finally:
-            await stream.close()
-
-    async def _read_reply(
-        self, request: GenerationRequest, stream: openai.AsyncStream
-    ) -> AsyncGenerator[StreamItem, None]:
-        estimated_prompt_tokens = estimate_prompt_tokens(request.messages)
-        yield Started(model=request.model, prompt_tokens=estimated_prompt_tokens)
-        calls = ToolCallAssembler()
-        finish_reason: str | None = None
-        usage = None
-        chunks = 0
-        async for completion_chunk in stream:
-            usage = completion_chunk.usage or usage
-            # Lenient about what compatible servers leave out (choices in the usage chunk, empty deltas).
-            for choice in (completion_chunk.choices or [])[:1]:
-                delta = choice.delta
-                if delta is not None and delta.content:
-                    chunks += 1
-                    # Upstreams send about a token per chunk; the final usage has the exact count.
-                    yield Chunk(text=delta.content, token_count=1)
-                if delta is not None:
-                    calls.add(delta.tool_calls or ())
-                finish_reason = choice.finish_reason or finish_reason
-        if finish_reason is None:
-            # The upstream closed the stream without finishing its reply.
-            raise Unavailable(f"model '{request.model}' stopped before finishing its reply")
-        tool_calls = calls.complete()
-        for call in tool_calls:
-            yield ToolCallItem(call)
-        # Some servers finish a tool-calling reply with "stop"; the calls are what matters.
-        reason = FinishReason.TOOL_CALLS if tool_calls else FINISH_REASONS.get(finish_reason, FinishReason.STOP)
-        yield Finished(
-            finish_reason=reason,
-            prompt_tokens=usage.prompt_tokens if usage else estimated_prompt_tokens,
-            completion_tokens=usage.completion_tokens if usage else chunks + calls.estimated_tokens(),
-        )
+        except READ_TIMEOUT_ERRORS:
+            raise self._logged(
+                Unavailable(f"model '{model.name}' timed out: its provider did not answer in time")
+            ) from None
+        except READ_ERRORS:
+            raise self._logged(
+                Unavailable(f"model '{model.name}' is unavailable: the connection to its provider failed")
+            ) from None
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
         model = self._models[request.model]
@@ -318,6 +289,90 @@ class OpenAIProvider:
         return error
 
 
+async def read_reply(request: GenerationRequest, body: httpx2.Response) -> AsyncGenerator[StreamItem, None]:
+    """A streamed chat completion's items, from its server-sent events."""
+    estimated_prompt_tokens = estimate_prompt_tokens(request.messages)
+    yield Started(model=request.model, prompt_tokens=estimated_prompt_tokens)
+    calls = ToolCallAssembler()
+    finish_reason: str | None = None
+    usage: Mapping[str, Any] = {}
+    chunks = 0
+    async for completion_chunk in completion_chunks(request.model, body):
+        usage = completion_chunk.get("usage") or usage
+        # Lenient about what compatible servers leave out (choices in the usage chunk, empty deltas).
+        for choice in (completion_chunk.get("choices") or [])[:1]:
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            if content:
+                chunks += 1
+                # Upstreams send about a token per chunk; the final usage has the exact count.
+                yield Chunk(text=content, token_count=1)
+            if delta.get("tool_calls"):
+                calls.add(delta["tool_calls"])
+            finish_reason = choice.get("finish_reason") or finish_reason
+    if finish_reason is None:
+        # The upstream closed the stream without finishing its reply.
+        raise Unavailable(f"model '{request.model}' stopped before finishing its reply")
+    tool_calls = calls.complete()
+    for call in tool_calls:
+        yield ToolCallItem(call)
+    # Some servers finish a tool-calling reply with "stop"; the calls are what matters.
+    reason = FinishReason.TOOL_CALLS if tool_calls else FINISH_REASONS.get(finish_reason, FinishReason.STOP)
+    yield Finished(
+        finish_reason=reason,
+        prompt_tokens=usage.get("prompt_tokens") or 0 if usage else estimated_prompt_tokens,
+        completion_tokens=usage.get("completion_tokens") or 0 if usage else chunks + calls.estimated_tokens(),
+    )
+
+
+async def completion_chunks(model: str, body: httpx2.Response) -> AsyncGenerator[dict[str, Any], None]:
+    """Each chunk of a streamed chat completion as a dict, up to `data: [DONE]`. An error event (as the SDK
+    reads them: an object with an `error`) or data that is not a JSON object fails the reply."""
+    events = ServerSentEvents()
+    received = body.aiter_bytes()
+    async for data in received:
+        for payload in events.feed(data):
+            if payload.startswith(b"[DONE]"):
+                # Read to the end (nothing more comes) so the connection goes back to the pool.
+                async for _ in received:
+                    pass
+                return
+            try:
+                completion_chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                completion_chunk = None
+            if not isinstance(completion_chunk, dict):
+                raise Unavailable(f"model '{model}' failed: its provider sent a reply that could not be read")
+            if completion_chunk.get("error"):
+                raise Unavailable(f"model '{model}' failed: its provider reported an error")
+            yield completion_chunk
+
+
+class ServerSentEvents:
+    """The `data` of each server-sent event in a byte stream fed in pieces as they arrive (the WHATWG
+    rules for what chat completions use: `data` lines joined by newlines, comments and other fields ignored)."""
+
+    def __init__(self) -> None:
+        self._partial = b""  # the start of a line whose end has not arrived
+        self._data: list[bytes] = []
+
+    def feed(self, received: bytes) -> list[bytes]:
+        lines = (self._partial + received).splitlines(keepends=True)
+        # An unfinished line waits for the rest; so does a line ending in CR, whose LF may come next.
+        self._partial = lines.pop() if lines and not lines[-1].endswith(b"\n") else b""
+        events = []
+        for line in lines:
+            line = line.rstrip(b"\r\n")
+            if not line:
+                if self._data:
+                    events.append(b"\n".join(self._data))
+                    self._data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+        return events
+
+
 def chat_completion_arguments(model: OpenAIModel, request: GenerationRequest) -> dict[str, Any]:
     arguments: dict[str, Any] = {
         "model": model.upstream_model,
@@ -363,15 +418,16 @@ class ToolCallAssembler:
     def __init__(self) -> None:
         self._calls: dict[int, dict[str, str]] = {}
 
-    def add(self, fragments: Iterable[Any]) -> None:
+    def add(self, fragments: Iterable[Mapping[str, Any]]) -> None:
         for fragment in fragments:
-            call = self._calls.setdefault(fragment.index, {"id": "", "name": "", "arguments": ""})
-            call["id"] = fragment.id or call["id"]
-            if fragment.function is not None:
+            call = self._calls.setdefault(fragment.get("index") or 0, {"id": "", "name": "", "arguments": ""})
+            call["id"] = fragment.get("id") or call["id"]
+            function = fragment.get("function")
+            if function:
                 # Some servers repeat the name in every fragment, some split it: never double it.
-                name = fragment.function.name or ""
+                name = function.get("name") or ""
                 call["name"] = name if name.startswith(call["name"]) else call["name"] + name
-                call["arguments"] += fragment.function.arguments or ""
+                call["arguments"] += function.get("arguments") or ""
 
     def complete(self) -> list[ToolCall]:
         return [
