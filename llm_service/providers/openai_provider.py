@@ -66,6 +66,7 @@ READ_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)
 UPSTREAM_MESSAGE_MAX_CHARS = 200
 # Connecting should never take long; waiting for tokens may.
 CONNECT_TIMEOUT_SECONDS = 10.0
+STREAM_ARGUMENTS = {"stream": True, "stream_options": {"include_usage": True}}
 FINISH_REASONS = {
     "stop": FinishReason.STOP,
     "length": FinishReason.LENGTH,
@@ -151,22 +152,26 @@ class OpenAIProvider:
 
     async def generate(self, request: GenerationRequest) -> AsyncGenerator[StreamItem, None]:
         model = self._models[request.model]
-        # The SDK makes the request (auth, base URL, headers, timeouts, status errors) but its per-chunk
-        # objects are skipped: the raw body's server-sent events are parsed into just the fields used.
-        reply = self._client(model).chat.completions.with_streaming_response.create(
-            **chat_completion_arguments(model, request),
-            stream=True,
-            stream_options={"include_usage": True},
-            timeout=self._timeout(request.timeout),
-        )
+        # The SDK sends the request (auth, base URL, headers, timeouts, status errors) as its documented
+        # `post` for any endpoint does: without its per-request transform of the arguments and its
+        # per-chunk objects, which cost more than everything else here. The body's server-sent events are
+        # parsed into just the fields used.
+        try:
+            body = await self._client(model).post(
+                "/chat/completions",
+                cast_to=httpx2.Response,
+                body=chat_completion_arguments(model, request) | STREAM_ARGUMENTS,
+                options={"timeout": self._timeout(request.timeout)},
+                stream=True,
+            )
+        except openai.OpenAIError as error:
+            raise self._domain_error(error, model.name) from None
         # Closed however the reply ends (finished, failed, cancelled, closed by the caller), so the
         # upstream HTTP stream never outlives the call: the upstream sees the disconnect and stops.
         try:
-            async with reply as response, aclosing(read_reply(request, response.http_response)) as items:
+            async with aclosing(read_reply(request, body)) as items:
                 async for item in items:
                     yield item
-        except openai.OpenAIError as error:
-            raise self._domain_error(error, model.name) from None
         except READ_TIMEOUT_ERRORS:
             raise self._logged(
                 Unavailable(f"model '{model.name}' timed out: its provider did not answer in time")
@@ -175,6 +180,8 @@ class OpenAIProvider:
             raise self._logged(
                 Unavailable(f"model '{model.name}' is unavailable: the connection to its provider failed")
             ) from None
+        finally:
+            await body.aclose()
 
     async def embed(self, request: EmbeddingRequest) -> Embeddings:
         model = self._models[request.model]
