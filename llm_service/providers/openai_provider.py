@@ -11,6 +11,7 @@ deadline belong to llm_service.resilience. Failures become duplex errors whose m
 API key, the base URL or the upstream's raw answer to a rejected key.
 """
 
+import asyncio
 import logging
 import ssl
 from collections.abc import AsyncGenerator, Iterable, Mapping, Sequence
@@ -20,6 +21,7 @@ from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
 
+import aiohttp
 import anyio
 import httpx2
 import openai
@@ -60,7 +62,6 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # OpenAI's "pcm" speech: 24 kHz, signed 16-bit little-endian, mono, no header.
 OPENAI_PCM_SAMPLE_RATE = 24000
 # Errors of the HTTP client while a streamed speech body is read (the SDK maps these for its own streams).
-READ_TIMEOUT_ERRORS = (httpx2.TimeoutException,)
 READ_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)
 # Upstream error texts quoted in our messages are cut to this length.
 UPSTREAM_MESSAGE_MAX_CHARS = 200
@@ -121,6 +122,8 @@ class OpenAIProvider:
                     # The only retries are llm_service.resilience's, which know the call's deadline.
                     max_retries=0,
                     timeout=self._timeout(None),
+                    # The SDK's aiohttp transport: half the CPU per streamed chunk of its default httpx one.
+                    http_client=openai.DefaultAioHttpClient(),
                 )
         # Scrubbed from every upstream text we quote, in case an upstream echoes a key back.
         self._secrets = tuple({model.api_key.get_secret_value() for model in models} - {""})
@@ -172,14 +175,8 @@ class OpenAIProvider:
             async with aclosing(read_reply(request, body)) as items:
                 async for item in items:
                     yield item
-        except READ_TIMEOUT_ERRORS:
-            raise self._logged(
-                Unavailable(f"model '{model.name}' timed out: its provider did not answer in time")
-            ) from None
-        except READ_ERRORS:
-            raise self._logged(
-                Unavailable(f"model '{model.name}' is unavailable: the connection to its provider failed")
-            ) from None
+        except READ_ERRORS as error:
+            raise self._logged(read_error(error, model.name)) from None
         finally:
             await body.aclose()
 
@@ -262,14 +259,8 @@ class OpenAIProvider:
                         yield SpeechAudio(pcm16=data[:whole], sample_rate=model.speech_sample_rate)
         except openai.OpenAIError as error:
             raise self._domain_error(error, model.name) from None
-        except READ_TIMEOUT_ERRORS:
-            raise self._logged(
-                Unavailable(f"model '{model.name}' timed out: its provider did not answer in time")
-            ) from None
-        except READ_ERRORS:
-            raise self._logged(
-                Unavailable(f"model '{model.name}' is unavailable: the connection to its provider failed")
-            ) from None
+        except READ_ERRORS as error:
+            raise self._logged(read_error(error, model.name)) from None
 
     async def close(self) -> None:
         for client in self._clients.values():
@@ -450,12 +441,29 @@ def to_domain_error(error: openai.OpenAIError, model: str, secrets: Sequence[str
     """The duplex error for a failed upstream call; its message is safe to show anyone."""
     if isinstance(error, openai.APIStatusError):
         return status_error(error, model, secrets)
-    if isinstance(error, openai.APITimeoutError):
-        return Unavailable(f"model '{model}' timed out: its provider did not answer in time")
-    if isinstance(error, openai.APIConnectionError):
-        return Unavailable(f"model '{model}' is unavailable: the connection to its provider failed")
+    if isinstance(error, openai.APIConnectionError):  # APITimeoutError included
+        return read_error(error, model)
     # e.g. an error event in the middle of the stream, or an answer the SDK could not read.
     return Unavailable(f"model '{model}' failed: its provider reported an error")
+
+
+def read_error(error: Exception, model: str) -> DuplexError:
+    """A request or reply that failed on the way: it timed out, or the connection failed."""
+    if timed_out(error):
+        return Unavailable(f"model '{model}' timed out: its provider did not answer in time")
+    return Unavailable(f"model '{model}' is unavailable: the connection to its provider failed")
+
+
+def timed_out(error: BaseException) -> bool:
+    """Whether a failed request timed out. The SDK's aiohttp transport reports a refused or dropped
+    connection as a connect timeout too (it maps aiohttp's ClientConnectionError before its subclasses), so
+    aiohttp's own error, where there is one, decides."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, aiohttp.ClientConnectionError):
+            return isinstance(cause, asyncio.TimeoutError)
+        cause = cause.__cause__ or cause.__context__
+    return isinstance(error, openai.APITimeoutError | httpx2.TimeoutException)
 
 
 def status_error(error: openai.APIStatusError, model: str, secrets: Sequence[str]) -> DuplexError:

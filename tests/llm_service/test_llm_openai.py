@@ -175,6 +175,9 @@ ERROR_TABLE = [
     pytest.param(FakeReply.error(503), grpc.StatusCode.UNAVAILABLE, "answered 503", id="503"),
     pytest.param(FakeReply(stall_before_headers=True), grpc.StatusCode.UNAVAILABLE, "timed out", id="upstream timeout"),
     pytest.param(FakeReply(drop_after=0), grpc.StatusCode.UNAVAILABLE, "", id="dropped before the first token"),
+    pytest.param(FakeReply(stall_after=1), grpc.StatusCode.UNAVAILABLE, "timed out", id="stalled mid-stream"),
+    pytest.param(FakeReply(drop_after=1), grpc.StatusCode.UNAVAILABLE, "connection to its provider failed",
+                 id="dropped mid-stream"),
 ]
 
 
