@@ -9,7 +9,7 @@ import uuid
 
 from duplex.chat.v1 import chat_pb2, chat_pb2_grpc, conversation_pb2, conversation_pb2_grpc
 from duplex.common.logs import configure_logging
-from duplex.common.server import GrpcServer, insecure_channel, is_serving, serve_until_signal
+from duplex.common.server import GrpcServer, insecure_channel, is_serving, run_service, serve_until_signal
 from duplex.common.settings import ConfigurationError, exit_bad_configuration, load_settings
 from gateway.auth import Authenticator
 from gateway.cancels import CancelWatch
@@ -133,6 +133,6 @@ def main() -> None:
     settings = load_settings(GatewaySettings, "gateway")
     configure_logging(settings.log_level, "gateway")
     try:
-        asyncio.run(serve(settings))
+        run_service(serve(settings), settings)
     except ConfigurationError as error:
         exit_bad_configuration("gateway", str(error))

@@ -4,7 +4,6 @@ Shaped like grpc's examples/python/helloworld/async_greeter_server_with_graceful
 signal handling and graceful stop in duplex.common.server.
 """
 
-import asyncio
 import contextlib
 import logging
 from datetime import timedelta
@@ -13,7 +12,7 @@ import grpc
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from duplex.common.logs import configure_logging
-from duplex.common.server import GrpcServer, insecure_channel, serve_until_signal
+from duplex.common.server import GrpcServer, insecure_channel, run_service, serve_until_signal
 from duplex.common.settings import load_settings
 from duplex.history.v1 import history_pb2_grpc
 from duplex.llm.v1 import llm_pb2_grpc
@@ -104,7 +103,7 @@ def main() -> None:
     settings = load_settings(HistorySettings, "history_service")
     configure_logging(settings.log_level, "history")
     try:
-        asyncio.run(serve(settings))
+        run_service(serve(settings), settings)
     except DatabaseNotMigrated as error:
         # An operator's mistake, not a crash: one clear line, no traceback.
         log.error("%s", error)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from functools import partial
 
 from duplex.common.logs import configure_logging
-from duplex.common.server import GrpcServer, serve_until_signal
+from duplex.common.server import GrpcServer, run_service, serve_until_signal
 from duplex.common.settings import load_settings
 from duplex.llm.v1 import llm_pb2, llm_pb2_grpc
 from llm_service.providers import AnyProvider, LocalProvider, LocalSpeechProvider, OpenAIProvider, ProviderRegistry
@@ -122,7 +122,7 @@ def main() -> None:
     settings = load_settings(LlmSettings, PROCESS_NAME)
     configure_logging(settings.log_level, PROCESS_NAME)
     quiet_http_client_logs()
-    asyncio.run(serve(settings))
+    run_service(serve(settings), settings)
 
 
 def quiet_http_client_logs() -> None:

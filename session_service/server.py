@@ -11,7 +11,7 @@ import functools
 import logging
 
 from duplex.common.logs import configure_logging
-from duplex.common.server import GrpcServer, serve_until_signal
+from duplex.common.server import GrpcServer, run_service, serve_until_signal
 from duplex.common.settings import load_settings
 from duplex.session.v1 import session_pb2, session_pb2_grpc
 from session_service.quota import QuotaLimits
@@ -112,4 +112,4 @@ async def serve(settings: SessionSettings) -> None:
 def main() -> None:
     settings = load_settings(SessionSettings, "session_service")
     configure_logging(settings.log_level, "session_service")
-    asyncio.run(serve(settings))
+    run_service(serve(settings), settings)

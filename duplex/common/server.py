@@ -8,13 +8,16 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import grpc
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from duplex.common.errors import ErrorInterceptor
+from duplex.common.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,13 @@ async def wait_for_stop_signal() -> None:
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+def run_service(main: Coroutine[Any, Any, None], settings: ServiceSettings) -> None:
+    """Run a service's main coroutine to the end on the event loop its settings name."""
+    loop_factory = uvloop.new_event_loop if settings.event_loop == "uvloop" else None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(main)
 
 
 async def serve_until_signal(server: GrpcServer, grace: float, name: str) -> None:

@@ -1,7 +1,7 @@
 """The settings every service shares; each service subclasses ServiceSettings with its own fields."""
 
 import sys
-from typing import NoReturn, TypeVar
+from typing import Literal, NoReturn, TypeVar
 
 import pydantic
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -15,6 +15,8 @@ class ServiceSettings(BaseSettings):
     log_level: str = "INFO"
     # How long a stopping server lets running calls finish before cancelling them.
     shutdown_grace_seconds: float = 5.0
+    # The event loop the service runs on: uvloop (libuv) or the standard library's.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
 
 S = TypeVar("S", bound=ServiceSettings)
