@@ -39,7 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = commands.add_parser("bench", help="load-benchmark the whole chain on loopback (minutes)")
     bench.add_argument("--streams", default="1,100,500,1000",
                        help="concurrent streams per run, comma-separated (0 = no text runs)")
-    bench.add_argument("--tokens-per-second", type=float, default=50.0, help="demo model pace per stream")
+    bench.add_argument("--scenarios", default="openai,demo",
+                       help="text scenarios, comma-separated: openai (the headline: llm_service's openai provider "
+                            "against a fake OpenAI-compatible server; server direct, llm_service alone, full chain) "
+                            "and demo (the in-process demo model, with the comparisons); default both")
+    bench.add_argument("--tokens-per-second", type=float, default=50.0,
+                       help="model pace per stream (the demo model's and the fake server's)")
     bench.add_argument("--duration", type=float, default=20.0, help="seconds of load per run")
     bench.add_argument("--ramp", type=float, default=5.0, help="seconds over which streams start")
     bench.add_argument("--compare-streams", type=int, default=100,
@@ -96,13 +101,17 @@ def run_bench(args) -> int:
         return tuple(n for n in (int(part) for part in text.split(",") if part.strip()) if n > 0)
 
     voice_sessions = counts(args.voice_sessions)
+    scenarios = tuple(part.strip() for part in args.scenarios.split(",") if part.strip())
+    if unknown := set(scenarios) - {"openai", "demo"}:
+        print(f"duplex bench: unknown scenarios {sorted(unknown)} (choose from openai, demo)", file=sys.stderr)
+        return 2
     config = runner.BenchConfig(
         streams=counts(args.streams), tokens_per_second=args.tokens_per_second,
         duration_seconds=args.duration, ramp_seconds=args.ramp, compare_streams=args.compare_streams,
         idle_streams=args.idle, soak_minutes=args.soak_minutes, coalesce_window_ms=args.coalesce_ms,
         output=args.output, voice_sessions=voice_sessions,
         voice_offline_sessions=counts(args.voice_offline_sessions) if voice_sessions else (),
-        voice_duration_seconds=args.voice_duration, voice_pause_seconds=args.voice_pause,
+        voice_duration_seconds=args.voice_duration, voice_pause_seconds=args.voice_pause, scenarios=scenarios,
     )
     with tempfile.TemporaryDirectory(prefix="duplex-bench-") as data_dir:
         report = asyncio.run(runner.run(config, data_dir))

@@ -1,13 +1,19 @@
-"""`duplex bench` end to end, small: every scenario runs (voice against its fake upstream too), and the
-report carries its figures."""
+"""`duplex bench` end to end, small: every scenario runs (the headline openai rows against the fake
+OpenAI-compatible server, the demo model's rows, voice against its fake upstream too), and the report carries
+its figures."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 DUPLEX = str(Path(sys.executable).parent / "duplex")
-LABELS = ["full chain", "llm_service direct", "edge: WebSocket", "edge: grpc-web", "coalescing off"]
+SERVICES = {"gateway", "llm_service", "session_service", "history_service"}
+OPENAI_LABELS = ["openai: server direct", "openai: llm_service alone", "openai: full chain"]
+DEMO_LABELS = ["demo: full chain", "demo: llm_service direct", "demo: WebSocket", "demo: grpc-web",
+               "demo: coalescing off"]
 
 
 def test_a_small_benchmark_runs_every_scenario_and_reports_its_figures(tmp_path):
@@ -21,17 +27,31 @@ def test_a_small_benchmark_runs_every_scenario_and_reports_its_figures(tmp_path)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "knee" in finished.stdout
     assert "Voice: end of speech" in finished.stdout
+    assert "\nTargets\n" in finished.stdout and "coalescing window: 50 ms" in finished.stdout
     report = json.loads(output.read_text())
 
-    assert [run["label"] for run in report["runs"]] == LABELS
+    assert [run["label"] for run in report["runs"]] == OPENAI_LABELS + DEMO_LABELS
     for run in report["runs"]:
         assert "failed" not in run, run
         assert run["errors"] == 0 and run["turns"] > 0, run
         assert run["tokens_per_second"] > 0 and run["tokens_per_delta"] >= 1, run
         assert 0 < run["ttft_p50_ms"] <= run["ttft_p99_ms"], run
-        assert set(run["cpu_us_per_message"]) == {
-            "gateway", "llm_service", "session_service", "history_service", "loadgen"}
+        assert run["cpu_us_per_token_services"] == pytest.approx(sum(run["cpu_us_per_token"][n] for n in SERVICES))
+    for run in report["runs"][3:]:
+        assert set(run["cpu_us_per_message"]) == SERVICES | {"loadgen"}
     assert report["runs"][-1]["tokens_per_delta"] == 1  # coalescing off: one token per delta
+
+    # The headline: the openai provider against the fake server; its CPU is measured apart.
+    direct, alone, chain = report["runs"][:3]
+    assert direct["tokens_per_delta"] == 1  # a content chunk per token, straight from the server
+    for run in (direct, alone, chain):
+        assert set(run["cpu_us_per_token"]) == SERVICES | {"fake_upstream", "loadgen"}, run
+    for run in (alone, chain):
+        assert run["capacity_tokens_per_second"] > 0, run
+    [added] = report["openai"]["added_ttft"]
+    assert added["streams"] == 2 and {"full_chain_p50_ms", "full_chain_p99_ms", "llm_service_p50_ms"} <= set(added)
+    assert report["openai"]["knee_streams"] in (None, 2)
+    assert all(isinstance(t["met"], bool | None) and t["figure"] for t in report["openai"]["targets"])
     assert report["idle"]["idle_streams"] == 20 and "kib_per_idle_stream" in report["idle"]
     assert report["knee_streams"] in (None, 2)
     assert {"gateway_added_ttft_p50_ms", "gateway_cpu_WebSocket_vs_grpc"} <= set(report["ratios"])

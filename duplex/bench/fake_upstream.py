@@ -11,6 +11,8 @@ whatever a voice turn takes beyond their sum is the pipeline's own:
   content chunk `chat_first_ms` after the request was read, and it ENDS A SENTENCE ("Sure. "), so speech can
   start on it; then the rest of the answer a word per chunk at `chat_tokens_per_second`, the finish chunk,
   the usage chunk (when `stream_options.include_usage`), `[DONE]`. Without `stream`, one JSON completion.
+  With `chat_words` > 0 (the text benchmark) the answer is instead that many words, a word per chunk, the
+  first one also `chat_first_ms` after the request was read.
 - POST /v1/audio/speech: a streamed PCM16 body (24 kHz mono, as OpenAI's `response_format="pcm"`) whose first
   bytes come `speech_first_ms` after the request was read, then paced at `speech_pace` times real time.
   The audio lasts `speech_ms_per_char` per character of the input (a quiet tone).
@@ -51,6 +53,7 @@ class UpstreamConfig:
     speech_first_ms: float = 100.0
     # The rest of the answer, and the audio.
     chat_tokens_per_second: float = 50.0
+    chat_words: int = 0  # > 0: a text answer of this many words (tokens) instead of the voice answer
     speech_ms_per_char: float = 60.0
     speech_pace: float = 4.0  # audio is sent this many times faster than it plays
     transcript: str = "What is the weather like today?"
@@ -63,6 +66,16 @@ class UpstreamConfig:
     @property
     def answer(self) -> str:
         return FIRST_SENTENCE + REST_OF_ANSWER
+
+    def answer_words(self) -> list[str]:
+        """The answer as streamed, a word (one token) per content chunk."""
+        if self.chat_words > 0:
+            vocabulary = REST_OF_ANSWER.split(" ")
+            words = [vocabulary[number % len(vocabulary)] + " " for number in range(self.chat_words)]
+        else:
+            words = [FIRST_SENTENCE] + [word + " " for word in REST_OF_ANSWER.split(" ")]
+        words[-1] = words[-1].rstrip()
+        return words
 
 
 @dataclass
@@ -164,8 +177,7 @@ class FakeUpstream:
         due = loop.time() + self.config.chat_first_ms / 1000
         self.stats.chats += 1
         model = body.get("model", "fake")
-        words = [FIRST_SENTENCE] + [word + " " for word in REST_OF_ANSWER.split(" ")]
-        words[-1] = words[-1].rstrip()
+        words = self.config.answer_words()
         usage = {"prompt_tokens": 12 * len(body.get("messages", [])), "completion_tokens": len(words),
                  "total_tokens": 12 * len(body.get("messages", [])) + len(words)}
         if not body.get("stream"):

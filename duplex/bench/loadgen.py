@@ -35,12 +35,14 @@ class Figures:
     errors: int = 0
     late_sends: int = 0
 
-    def on_event(self, kind: str, event_time: float, sent_at: float, first: bool) -> None:
+    def on_event(self, kind: str, event_time: float | None, sent_at: float, first: bool) -> None:
+        """`event_time`: when the event was produced (None: unknown, no delivery latency sample)."""
         now = time.time()
         self.messages += 1
         if kind == "delta":
             self.deltas += 1
-            self.delivery_ms.append((now - event_time) * 1000)
+            if event_time is not None:
+                self.delivery_ms.append((now - event_time) * 1000)
             if first:
                 self.ttft_ms.append((now - sent_at) * 1000)
         elif kind == "error":
@@ -157,7 +159,8 @@ async def llm_direct_stream(config: dict, figures: Figures, stop_at: float, offs
             history.append(llm_pb2.Message(role=llm_pb2.ROLE_USER, content=text))
             first = True
             reply = ""
-            async for response in stub.Generate(llm_pb2.GenerateRequest(messages=history)):
+            request = llm_pb2.GenerateRequest(model=config.get("model", ""), messages=history)
+            async for response in stub.Generate(request):
                 kind = response.WhichOneof("kind")
                 if kind == "chunk":
                     reply += response.chunk.text
@@ -168,6 +171,44 @@ async def llm_direct_stream(config: dict, figures: Figures, stop_at: float, offs
                     figures.messages += 1
                     figures.tokens += response.finished.completion_tokens
             history.append(llm_pb2.Message(role=llm_pb2.ROLE_ASSISTANT, content=reply))
+
+        await run_schedule(turn, config, figures, stop_at, offset)
+
+
+async def openai_direct_stream(config: dict, figures: Figures, stop_at: float, offset: float) -> None:
+    """The floor: the client calls the OpenAI-compatible server itself, as llm_service's provider would
+    (a streamed chat completion with usage, one kept-alive connection per stream). A chunk carries no
+    time it was produced, so this transport has no delivery latency, only TTFT."""
+    import aiohttp
+    import orjson
+
+    url = f"{config['target']}/chat/completions"
+    history: list[dict] = []
+    async with aiohttp.ClientSession() as http:
+
+        async def turn(text: str) -> None:
+            sent_at = time.time()
+            history.append({"role": "user", "content": text})
+            body = {"model": config.get("model", ""), "messages": history, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            reply = []
+            async with http.post(url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}) as answer:
+                if answer.status != 200:
+                    raise ConnectionError(f"HTTP {answer.status}: {(await answer.text())[:200]}")
+                async for line in answer.content:  # server-sent events, one `data: ...` line each
+                    if not line.startswith(b"data: "):
+                        continue
+                    data = line[6:].strip()
+                    if data == b"[DONE]":
+                        break
+                    chunk = orjson.loads(data)
+                    if chunk.get("usage"):
+                        figures.tokens += chunk["usage"]["completion_tokens"]
+                    for choice in chunk["choices"]:
+                        if content := choice["delta"].get("content"):
+                            reply.append(content)
+                            figures.on_event("delta", None, sent_at, len(reply) == 1)
+            history.append({"role": "assistant", "content": "".join(reply)})
 
         await run_schedule(turn, config, figures, stop_at, offset)
 
@@ -207,7 +248,8 @@ async def _open_then_wait(release: asyncio.Event):
     await release.wait()
 
 
-TRANSPORTS = {"grpc": grpc_stream, "ws": websocket_stream, "grpc-web": grpc_web_stream, "llm": llm_direct_stream}
+TRANSPORTS = {"grpc": grpc_stream, "ws": websocket_stream, "grpc-web": grpc_web_stream, "llm": llm_direct_stream,
+              "openai-direct": openai_direct_stream}
 
 
 def _rfc3339(text: str) -> float:

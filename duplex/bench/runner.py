@@ -38,6 +38,9 @@ class BenchConfig:
     voice_offline_sessions: tuple[int, ...] = ()
     voice_duration_seconds: float = 30.0
     voice_pause_seconds: float = 1.0
+    # The text scenarios to run: "openai" (the headline, llm_service's openai provider against a fake
+    # OpenAI-compatible server) and "demo" (the in-process demo model).
+    scenarios: tuple[str, ...] = ("openai", "demo")
 
 
 def free_port() -> int:
@@ -111,17 +114,30 @@ async def run_loadgen(config: dict) -> dict:
     return json.loads(stdout)
 
 
-async def measure(system: System, transport: str, streams: int, config: BenchConfig, label: str) -> dict:
-    """One scenario: drive `streams` streams for the configured time; CPU per relayed message per process."""
-    reply_seconds = 48 / config.tokens_per_second  # the demo model's reply is ~45-50 tokens
+def measured_pids(system: System, upstream: "FakeUpstreamProcess | None") -> dict[str, int]:
+    """The processes whose CPU and memory a run reports: the services, and the fake upstream if any."""
+    return system.pids() | ({"fake_upstream": upstream.pid} if upstream else {})
+
+
+async def measure(system: System, transport: str, streams: int, config: BenchConfig, label: str,
+                  upstream: "FakeUpstreamProcess | None" = None) -> dict:
+    """One scenario: drive `streams` streams for the configured time; CPU per relayed message and per
+    delivered token per process. With `upstream`, the model is the fake OpenAI-compatible server's."""
+    # The demo model's reply is ~45-50 tokens; the half second between answers keeps the schedule open-loop.
+    reply_tokens = OPENAI_ANSWER_TOKENS if upstream else 48
     load = {
         "transport": transport, "target": system.target(transport), "streams": streams,
         "duration_seconds": config.duration_seconds, "ramp_seconds": min(config.ramp_seconds, streams / 50),
-        "interval_seconds": reply_seconds + 0.5,
+        "interval_seconds": reply_tokens / config.tokens_per_second + 0.5,
     }
-    before = {name: procstats.sample(pid) for name, pid in system.pids().items()}
+    if upstream:
+        load["model"] = FAKE_MODELS["chat"]
+        if transport == "openai-direct":
+            load["target"] = upstream.base_url
+    pids = measured_pids(system, upstream)
+    before = {name: procstats.sample(pid) for name, pid in pids.items()}
     raw = await run_loadgen(load)
-    after = {name: procstats.sample(pid) for name, pid in system.pids().items()}
+    after = {name: procstats.sample(pid) for name, pid in pids.items()}
     cpu_seconds = {name: after[name].cpu_seconds - before[name].cpu_seconds for name in before}
     cpu_seconds["loadgen"] = raw["cpu_seconds"]
     messages, tokens = max(raw["messages"], 1), max(raw["tokens"], 1)
@@ -137,6 +153,10 @@ async def measure(system: System, transport: str, streams: int, config: BenchCon
         "cpu_us_per_token": {name: seconds * 1e6 / tokens for name, seconds in cpu_seconds.items()},
         "rss_mib": {name: s.rss_bytes / 2**20 for name, s in after.items()} | {"loadgen": raw["rss_bytes"] / 2**20},
     }
+    # What the machine could deliver if the four services had every core: the capacity their CPU implies.
+    services = sum(result["cpu_us_per_token"][name] for name in PROCESS_NAMES)
+    result["cpu_us_per_token_services"] = services
+    result["capacity_tokens_per_second"] = (os.cpu_count() or 1) * 1e6 / services if services > 0 else None
     print(format_row(result), flush=True)
     return result
 
@@ -183,22 +203,30 @@ async def soak(system: System, streams: int, config: BenchConfig) -> dict:
             "samples_mib": samples, "load": result}
 
 
+def short_name(process: str) -> str:
+    return process.split("_")[0][:4]
+
+
 def format_row(r: dict) -> str:
-    cpu = " ".join(f"{name.split('_')[0][:4]}={us:.0f}" for name, us in r["cpu_us_per_message"].items())
-    return (f"  {r['label']:<22} {r['transport']:<8} N={r['streams']:<5} ttft p50/p99 {r['ttft_p50_ms']:6.1f}/"
+    cpu = " ".join(f"{short_name(name)}={us:.0f}" for name, us in r["cpu_us_per_token"].items())
+    return (f"  {r['label']:<26} {r['transport']:<13} N={r['streams']:<5} ttft p50/p99 {r['ttft_p50_ms']:6.1f}/"
             f"{r['ttft_p99_ms']:6.1f} ms  delivery p50/p99 {r['delivery_p50_ms']:6.1f}/{r['delivery_p99_ms']:6.1f} ms"
             f"  {r['tokens_per_second']:7.0f} tok/s ({r['tokens_per_delta']:.1f}/delta)  errors {r['errors']}"
-            f"  cpu us/msg {cpu}")
+            f"  cpu us/token {cpu} services={r['cpu_us_per_token_services']:.0f}")
 
 
 async def run(config: BenchConfig, data_dir: str) -> dict:
     report: dict = {"machine": machine(), "config": config.__dict__, "runs": [], "started": time.time()}
     print(f"Duplex benchmark on {report['machine']['description']}", flush=True)
-    if config.streams or config.compare_streams or config.idle_streams or config.soak_minutes:
+    report["knee_streams"] = None
+    if "openai" in config.scenarios and config.streams:
+        await run_openai(config, data_dir, report)
+    if "demo" in config.scenarios and (config.streams or config.compare_streams or config.idle_streams
+                                       or config.soak_minutes):
         await run_text(config, data_dir, report)
-    else:
-        report["knee_streams"] = None
     report["ratios"] = ratios(report["runs"], config.compare_streams)
+    if "openai" in report:
+        report["openai"]["targets"] = targets(report)
     if config.voice_sessions or config.voice_offline_sessions:
         report["voice"] = {"upstream_latencies_ms": VOICE_LATENCIES, "audio_lead_ms": VOICE_AUDIO_LEAD_MS,
                            "utterance_seconds": VOICE_UTTERANCE_SECONDS, "chunk_ms": VOICE_CHUNK_MS,
@@ -213,45 +241,114 @@ async def run(config: BenchConfig, data_dir: str) -> dict:
     return report
 
 
+async def run_openai(config: BenchConfig, data_dir: str, report: dict) -> None:
+    """The headline: llm_service's `openai` provider against an OpenAI-compatible server (the fake, in its
+    own process), as users run it; at each N the server alone, llm_service alone and the full chain."""
+    upstream_config = {"chat_first_ms": OPENAI_FIRST_MS, "chat_words": OPENAI_ANSWER_TOKENS,
+                       "chat_tokens_per_second": config.tokens_per_second}
+    async with FakeUpstreamProcess(upstream_config) as upstream:
+        env = {"DUPLEX_LLM_MODELS": json.dumps(fake_catalogue(upstream.base_url)[:1]),
+               "DUPLEX_DEFAULT_MODEL": FAKE_MODELS["chat"],
+               "DUPLEX_SPEECH_PRELOAD": "false"}  # a text benchmark: no speech engines
+        async with System(f"{data_dir}/openai", config.tokens_per_second, config.coalesce_window_ms, env) as system:
+            for streams in config.streams:
+                for transport, label in OPENAI_ROWS:
+                    report["runs"].append(await measure(system, transport, streams, config, label, upstream))
+            if config.idle_streams:  # gateway memory does not depend on the model: measured once, here
+                report["idle"] = await measure_idle(system, config.idle_streams)
+    report["openai"] = {"upstream": upstream_config, "knee_streams": knee(report["runs"], OPENAI_FULL_CHAIN),
+                        "added_ttft": added_ttft(report["runs"])}
+
+
 async def run_text(config: BenchConfig, data_dir: str, report: dict) -> None:
     async with System(f"{data_dir}/coalesced", config.tokens_per_second, config.coalesce_window_ms) as system:
         for streams in config.streams:
-            report["runs"].append(await measure(system, "grpc", streams, config, "full chain"))
-        compared = (("llm", "llm_service direct"), ("ws", "edge: WebSocket"), ("grpc-web", "edge: grpc-web"))
+            report["runs"].append(await measure(system, "grpc", streams, config, DEMO_FULL_CHAIN))
+        compared = (("llm", DEMO_LLM_DIRECT), ("ws", "demo: WebSocket"), ("grpc-web", "demo: grpc-web"))
         for transport, label in compared if config.compare_streams else ():
             try:
                 report["runs"].append(await measure(system, transport, config.compare_streams, config, label))
             except Exception as error:  # an edge that isn't there is reported, not fatal
                 report["runs"].append({"label": label, "transport": transport, "failed": str(error)[:500]})
                 print(f"  {label}: failed: {str(error)[:200]}", flush=True)
-        if config.idle_streams:
+        if config.idle_streams and "idle" not in report:
             report["idle"] = await measure_idle(system, config.idle_streams)
-        report["knee_streams"] = knee(report["runs"])
+        report["knee_streams"] = knee(report["runs"], DEMO_FULL_CHAIN)
         if config.soak_minutes:
             report["soak"] = await soak(system, report["knee_streams"] or min(config.streams, default=1), config)
     if config.compare_streams:
         async with System(f"{data_dir}/uncoalesced", config.tokens_per_second, 0) as system:
-            report["runs"].append(await measure(system, "grpc", config.compare_streams, config, "coalescing off"))
+            report["runs"].append(await measure(system, "grpc", config.compare_streams, config,
+                                                "demo: coalescing off"))
 
 
-def knee(runs: list[dict]) -> int | None:
-    """The largest N at which the full chain's p99 delivery latency stays under 100 ms, error-free."""
-    good = [r["streams"] for r in runs if r.get("label") == "full chain" and r["delivery_p99_ms"] < 100
+def knee(runs: list[dict], label: str) -> int | None:
+    """The largest N at which the `label` rows' p99 delivery latency stays under 100 ms, error-free."""
+    good = [r["streams"] for r in runs if r.get("label") == label and r["delivery_p99_ms"] < 100
             and r["errors"] == 0]
     return max(good, default=None)
 
 
-def ratios(runs: list[dict], streams: int) -> dict:
-    def find(label: str) -> dict | None:
-        return next((r for r in runs if r.get("label") == label and r.get("streams") == streams
-                     and "failed" not in r), None)
+def find_run(runs: list[dict], label: str, streams: int) -> dict | None:
+    return next((r for r in runs if r.get("label") == label and r.get("streams") == streams
+                 and "failed" not in r), None)
 
-    full, direct = find("full chain"), find("llm_service direct")
+
+def added_ttft(runs: list[dict]) -> list[dict]:
+    """Per N: what llm_service alone and the full chain add to the server's own TTFT, p50 and p99."""
+    out = []
+    for direct in (r for r in runs if r.get("label") == OPENAI_SERVER_DIRECT):
+        row: dict = {"streams": direct["streams"]}
+        for label, key in ((OPENAI_FULL_CHAIN, "full_chain"), (OPENAI_LLM_ALONE, "llm_service")):
+            other = find_run(runs, label, direct["streams"])
+            if other:
+                row[f"{key}_p50_ms"] = other["ttft_p50_ms"] - direct["ttft_p50_ms"]
+                row[f"{key}_p99_ms"] = other["ttft_p99_ms"] - direct["ttft_p99_ms"]
+        out.append(row)
+    return out
+
+
+def targets(report: dict) -> list[dict]:
+    """The headline's targets, each met / NOT met (None: not measured) with the figure behind it."""
+    openai, runs = report["openai"], report["runs"]
+    chain = [r for r in runs if r.get("label") == OPENAI_FULL_CHAIN]
+    clean = max((r for r in chain if r["errors"] == 0), key=lambda r: r["streams"], default=None)
+    added = {row["streams"]: row for row in openai["added_ttft"]}
+    out = [{"target": "<= 100 us CPU per delivered token, four services summed, at the largest error-free N",
+            "met": clean["cpu_us_per_token_services"] <= 100 if clean else None,
+            "figure": f"{clean['cpu_us_per_token_services']:.0f} us at N={clean['streams']}" if clean
+            else "no error-free full-chain run"}]
+    one = added.get(1, {})
+    out.append({"target": "added TTFT vs server direct <= 3 ms p50 at 1 stream",
+                "met": one["full_chain_p50_ms"] <= 3 if "full_chain_p50_ms" in one else None,
+                "figure": f"{one['full_chain_p50_ms']:.1f} ms" if "full_chain_p50_ms" in one else "N=1 not run"})
+    fifty = added.get(50, {})
+    if "full_chain_p50_ms" in fifty:
+        out.append({"target": "added TTFT vs server direct <= 5 ms p50 and <= 20 ms p99 at 50 streams",
+                    "met": fifty["full_chain_p50_ms"] <= 5 and fifty["full_chain_p99_ms"] <= 20,
+                    "figure": f"{fifty['full_chain_p50_ms']:.1f} / {fifty['full_chain_p99_ms']:.1f} ms"})
+    largest = max((r["streams"] for r in chain), default=0)
+    out.append({"target": "knee >= 150 streams (p99 delivery < 100 ms, no errors)",
+                "met": (openai["knee_streams"] or 0) >= 150,
+                "figure": f"{openai['knee_streams']} (largest N run: {largest})"})
+    idle = report.get("idle")
+    out.append({"target": "<= 30 KiB gateway memory per idle Chat stream",
+                "met": idle["kib_per_idle_stream"] <= 30 if idle else None,
+                "figure": f"{idle['kib_per_idle_stream']:.1f} KiB" if idle else "not measured"})
+    return out
+
+
+def ratios(runs: list[dict], streams: int) -> dict:
+    """The demo model's side-by-side comparisons at `streams`."""
+    def find(label: str) -> dict | None:
+        return find_run(runs, label, streams)
+
+    full, direct = find(DEMO_FULL_CHAIN), find(DEMO_LLM_DIRECT)
     out: dict = {}
     if full and direct:
         out["gateway_added_ttft_p50_ms"] = full["ttft_p50_ms"] - direct["ttft_p50_ms"]
         out["gateway_added_ttft_p99_ms"] = full["ttft_p99_ms"] - direct["ttft_p99_ms"]
-    for label in ("edge: WebSocket", "edge: grpc-web", "coalescing off"):
+    for label in ("demo: WebSocket", "demo: grpc-web", "demo: coalescing off"):
         other = find(label)
         if full and other:
             key = label.split(": ")[-1].replace(" ", "_")
@@ -271,14 +368,50 @@ def machine() -> dict:
 
 
 def print_summary(report: dict) -> None:
-    print("\nSummary")
-    print(f"  knee (largest N with p99 delivery < 100 ms): {report['knee_streams']}")
-    for key, value in report["ratios"].items():
-        print(f"  {key}: {value:.2f}")
+    if "openai" in report:
+        print_openai_summary(report)
+    if any(r.get("label", "").startswith("demo: ") for r in report["runs"]):
+        print("\nDemo model (in-process, llm_service's `local` provider)")
+        print(f"  knee (largest N with p99 delivery < 100 ms): {report['knee_streams']}")
+        for key, value in report["ratios"].items():
+            print(f"  {key}: {value:.2f}")
     if "idle" in report:
-        print(f"  gateway memory per idle stream: {report['idle']['kib_per_idle_stream']:.1f} KiB")
+        print(f"\ngateway memory per idle stream: {report['idle']['kib_per_idle_stream']:.1f} KiB")
     if "voice" in report:
         print_voice_summary(report["voice"])
+
+
+def print_openai_summary(report: dict) -> None:
+    openai = report["openai"]
+    upstream = openai["upstream"]
+    print(f"\nHeadline: llm_service's openai provider against an OpenAI-compatible server (a fake in its own "
+          f"process: first token {upstream['chat_first_ms']:.0f} ms after the request, then "
+          f"{upstream['chat_words']} tokens at {upstream['chat_tokens_per_second']:.0f}/s)")
+    print(f"  coalescing window: {report['config']['coalesce_window_ms']} ms (a delta carries the tokens of one "
+          f"window; the hold is part of delivery latency)")
+    names = [*PROCESS_NAMES, "fake_upstream", "loadgen"]
+    print(f"  {'row':<26}{'N':>5}{'turns':>6}  {'TTFT p50/p99 ms':>15}  {'delivery p50/p99':>16}  {'tok/s':>6}"
+          f"  tok/delta  err  CPU us/token: {' / '.join(short_name(n) for n in names)}  services  capacity tok/s")
+    for r in report["runs"]:
+        if r.get("label") not in OPENAI_LABELS or "failed" in r:
+            continue
+        cpu = " / ".join(f"{r['cpu_us_per_token'][n]:.0f}" for n in names)
+        capacity = r["capacity_tokens_per_second"]
+        print(f"  {r['label']:<26}{r['streams']:>5}{r['turns']:>6}  {r['ttft_p50_ms']:>6.1f} / {r['ttft_p99_ms']:<6.1f}"
+              f"  {r['delivery_p50_ms']:>7.1f} / {r['delivery_p99_ms']:<6.1f}  {r['tokens_per_second']:>6.0f}"
+              f"  {r['tokens_per_delta']:>9.1f}{r['errors']:>5}  {cpu:>42}  {r['cpu_us_per_token_services']:>8.0f}"
+              f"  {f'{capacity:.0f}' if capacity else '-':>14}")
+    print("  (server direct: the fake's chunks carry no production time, so no delivery latency: nan)")
+    for row in openai["added_ttft"]:
+        figures = [f"{name} +{row[f'{key}_p50_ms']:.1f} / +{row[f'{key}_p99_ms']:.1f} ms"
+                   for key, name in (("llm_service", "llm_service alone"), ("full_chain", "full chain"))
+                   if f"{key}_p50_ms" in row]
+        print(f"  added TTFT vs server direct at N={row['streams']} (p50 / p99): {', '.join(figures)}")
+    print(f"  knee of the full chain (largest N with p99 delivery < 100 ms, no errors): {openai['knee_streams']}")
+    print("\nTargets")
+    for target in openai["targets"]:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[target["met"]]
+        print(f"  {verdict:<13} {target['target']}: {target['figure']}")
 
 
 def print_voice_summary(voice: dict) -> None:
@@ -331,6 +464,18 @@ VOICE_UTTERANCE_SECONDS = 2.0
 VOICE_CHUNK_MS = 100
 VOICE_INPUT_RATE_HZ = 16000
 FAKE_MODELS = {"chat": "bench-chat", "transcription": "bench-transcribe", "speech": "bench-speech"}
+
+# --- Text: the headline rows (the openai provider against the fake) and the demo model's ---------------
+
+# The fake's text answer: the first token 20 ms after the request was read, then 50 tokens paced at the
+# bench's tokens per second (50/s: 20 ms apart).
+OPENAI_FIRST_MS = 20.0
+OPENAI_ANSWER_TOKENS = 50
+OPENAI_SERVER_DIRECT, OPENAI_LLM_ALONE, OPENAI_FULL_CHAIN = (
+    "openai: server direct", "openai: llm_service alone", "openai: full chain")
+OPENAI_ROWS = (("openai-direct", OPENAI_SERVER_DIRECT), ("llm", OPENAI_LLM_ALONE), ("grpc", OPENAI_FULL_CHAIN))
+OPENAI_LABELS = {label for _, label in OPENAI_ROWS}
+DEMO_FULL_CHAIN, DEMO_LLM_DIRECT = "demo: full chain", "demo: llm_service direct"
 OFFLINE_MODELS = {"chat": "local-demo", "transcription": "local-whisper", "speech": "local-piper"}
 
 
@@ -458,7 +603,7 @@ async def measure_voice(
         "ramp_seconds": cycle * (sessions - 1) / sessions, "chunk_ms": VOICE_CHUNK_MS,
         "pause_seconds": config.voice_pause_seconds, "audio_path": audio_path,
     }
-    pids = system.pids() | ({"fake_upstream": upstream.pid} if upstream else {})
+    pids = measured_pids(system, upstream)
     upstream_before = await upstream.stats() if upstream else {}
     before = {name: procstats.sample(pid) for name, pid in pids.items()}
     raw = await run_voice_loadgen(load)
