@@ -182,6 +182,8 @@ async def openai_direct_stream(config: dict, figures: Figures, stop_at: float, o
     import aiohttp
     import orjson
 
+    from llm_service.providers.openai_provider import ServerSentEvents
+
     url = f"{config['target']}/chat/completions"
     history: list[dict] = []
     async with aiohttp.ClientSession() as http:
@@ -192,22 +194,21 @@ async def openai_direct_stream(config: dict, figures: Figures, stop_at: float, o
             body = {"model": config.get("model", ""), "messages": history, "stream": True,
                     "stream_options": {"include_usage": True}}
             reply = []
+            events = ServerSentEvents()  # parsed as llm_service's provider parses them
             async with http.post(url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}) as answer:
                 if answer.status != 200:
                     raise ConnectionError(f"HTTP {answer.status}: {(await answer.text())[:200]}")
-                async for line in answer.content:  # server-sent events, one `data: ...` line each
-                    if not line.startswith(b"data: "):
-                        continue
-                    data = line[6:].strip()
-                    if data == b"[DONE]":
-                        break
-                    chunk = orjson.loads(data)
-                    if chunk.get("usage"):
-                        figures.tokens += chunk["usage"]["completion_tokens"]
-                    for choice in chunk["choices"]:
-                        if content := choice["delta"].get("content"):
-                            reply.append(content)
-                            figures.on_event("delta", None, sent_at, len(reply) == 1)
+                async for received in answer.content.iter_any():
+                    for data in events.feed(received):
+                        if data == b"[DONE]":
+                            break
+                        chunk = orjson.loads(data)
+                        if chunk.get("usage"):
+                            figures.tokens += chunk["usage"]["completion_tokens"]
+                        for choice in chunk["choices"]:
+                            if content := choice["delta"].get("content"):
+                                reply.append(content)
+                                figures.on_event("delta", None, sent_at, len(reply) == 1)
             history.append({"role": "assistant", "content": "".join(reply)})
 
         await run_schedule(turn, config, figures, stop_at, offset)

@@ -340,16 +340,13 @@ def targets(report: dict) -> list[dict]:
 
 def ratios(runs: list[dict], streams: int) -> dict:
     """The demo model's side-by-side comparisons at `streams`."""
-    def find(label: str) -> dict | None:
-        return find_run(runs, label, streams)
-
-    full, direct = find(DEMO_FULL_CHAIN), find(DEMO_LLM_DIRECT)
+    full, direct = find_run(runs, DEMO_FULL_CHAIN, streams), find_run(runs, DEMO_LLM_DIRECT, streams)
     out: dict = {}
     if full and direct:
         out["gateway_added_ttft_p50_ms"] = full["ttft_p50_ms"] - direct["ttft_p50_ms"]
         out["gateway_added_ttft_p99_ms"] = full["ttft_p99_ms"] - direct["ttft_p99_ms"]
     for label in ("demo: WebSocket", "demo: grpc-web", "demo: coalescing off"):
-        other = find(label)
+        other = find_run(runs, label, streams)
         if full and other:
             key = label.split(": ")[-1].replace(" ", "_")
             out[f"gateway_cpu_{key}_vs_grpc"] = (other["cpu_us_per_message"]["gateway"]

@@ -61,7 +61,7 @@ PROVIDER_NAME = "openai"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # OpenAI's "pcm" speech: 24 kHz, signed 16-bit little-endian, mono, no header.
 OPENAI_PCM_SAMPLE_RATE = 24000
-# Errors of the HTTP client while a streamed speech body is read (the SDK maps these for its own streams).
+# Errors of the HTTP client while a streamed body (chat or speech) is read, which the SDK does not map.
 READ_ERRORS = (httpx2.RequestError, ssl.SSLError, anyio.EndOfStream)
 # Upstream error texts quoted in our messages are cut to this length.
 UPSTREAM_MESSAGE_MAX_CHARS = 200
